@@ -1,0 +1,127 @@
+"""Intel TDX quotes (v4 with a TD 1.0 body; v5 with a TD 1.0 or TD 1.5 body) → ``Claims``.
+
+The appraisal follows Intel's DCAP Quote Verification Library for TDX (``tee_verify_quote``)
+and the PCS API v4 TDX collateral; the shared mechanics are in ``_dcap``. Steps:
+
+    (1)  bounds, header: size limit, version 4/5 with TEE type TDX (0x81), ECDSA P-256 key;
+    (2)  layout: v5 body descriptor (type 2 = TD 1.0, 3 = TD 1.5) and size, signature data and
+         certification data lengths (QE report certification data, then the PCK chain);
+    (3)  PCK chain: ordered by issuer, each signature checked, ending in the pinned Intel SGX
+         Root CA public key;
+    (4)  QE report signature under the PCK key;
+    (5)  attestation-key binding: QE REPORTDATA = SHA-256(attestation key ‖ QE auth data) ‖ 0³²;
+    (6)  quote signature over header ‖ (descriptor ‖) body under the attestation key;
+    (7)  PCK certificate, PCK CA and root validity windows at ``now``;
+    (8)  collateral for the FMSPC, PCE ID and PCK CA (cache, then source);
+    (9)  TCB Info: issuer chain to the pinned root, signature over its exact bytes, id TDX
+         (version 3), FMSPC and PCE ID equal to the PCK certificate's;
+    (10) QE Identity: issuer chain, signature, id TD_QE;
+    (11) TCB Info and QE Identity windows ``[issueDate, nextUpdate)`` and their signing
+         certificates' windows;
+    (12) CRLs: root CA CRL and PCK CRL signed, current, revoking neither PCK nor PCK CA;
+    (13) the TD QE matches its identity; its TCB level by ISVSVN;
+    (14) the platform TCB level: SGX components and PCESVN from the PCK certificate, TDX
+         components from TEE_TCB_SVN (bytes 0–1 skipped when a module identity applies);
+    (15) the TDX module: MRSIGNER_SEAM and SEAM_ATTRIBUTES against ``tdxModule`` (TDX 1.0) or
+         the identity ``TDX_<major>`` and its TCB level by module SVN (TDX 1.5+);
+    (16) TCB status: platform, QE and module statuses merged; ``Revoked`` is a rejection;
+    (17) claims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from cloister.attestation import _dcap
+from cloister.attestation._claims import Claims, ClaimValue, Tee
+from cloister.attestation.collateral import CollateralCache, CollateralSource
+from cloister.attestation.sgx import intel_root_pins, intel_root_pins_only
+
+__all__ = ["TdxVerifier"]
+
+
+class TdxVerifier:
+    """Verifies TDX quotes against collateral from ``collateral`` (see ``SgxVerifier``)."""
+
+    tee = Tee.TDX
+
+    def __init__(
+        self,
+        collateral: CollateralSource,
+        *,
+        cache: CollateralCache | None = None,
+        intel_roots: Iterable[bytes] | None = None,
+    ) -> None:
+        pins = intel_root_pins() if intel_roots is None else intel_root_pins_only(intel_roots)
+        self._steps = _dcap.DcapSteps(collateral, cache or CollateralCache(), pins)
+
+    def verify(self, evidence: bytes, *, now: datetime) -> Claims:
+        steps = self._steps
+        # (1) (2) bounds, header and layout
+        quote = _dcap.parse_quote(evidence, tee=Tee.TDX)
+        report = _dcap.TdReport.parse(quote.body)
+        # (3) PCK chain to the pinned root
+        chain = steps.pck_chain(quote, Tee.TDX)
+        # (4) (5) QE report signature and attestation-key binding
+        qe = steps.qe_report(quote, chain)
+        # (6) quote signature
+        steps.quote_signature(quote)
+        # (7) PCK chain windows
+        _dcap.check_pck_windows(chain, now)
+        # (8) collateral
+        request, col, cached = steps.collateral(Tee.TDX, chain, now)
+        # (9) TCB Info
+        tcb = steps.tcb_info(col, Tee.TDX, chain)
+        # (10) QE Identity
+        identity = steps.qe_identity(col, Tee.TDX)
+        # (11) collateral windows
+        steps.windows(tcb, identity, now)
+        # (12) CRLs
+        crls = steps.crls(col, chain, tcb, now)
+        if not cached:
+            steps.remember(request, col, tcb, identity, crls)
+        # (13) TD QE identity match and its TCB level
+        qe_status, qe_advisories = _dcap.match_qe_identity(qe, identity)
+        # (14) platform TCB level, TDX components included
+        level = _dcap.match_platform_level(tcb, chain.extension, report.tee_tcb_svn)
+        # (15) TDX module identity
+        module_status, module_advisories = _dcap.match_tdx_module(tcb, report)
+        # (16) TCB status
+        status = _dcap.final_status([level.status, qe_status, module_status])
+        # (17) claims
+        values: dict[str, ClaimValue] = {
+            "mrtd": report.mr_td.hex(),
+            "rtmr0": report.rtmrs[0].hex(),
+            "rtmr1": report.rtmrs[1].hex(),
+            "rtmr2": report.rtmrs[2].hex(),
+            "rtmr3": report.rtmrs[3].hex(),
+            "mrconfigid": report.mr_config_id.hex(),
+            "mrowner": report.mr_owner.hex(),
+            "mrownerconfig": report.mr_owner_config.hex(),
+            "mrseam": report.mr_seam.hex(),
+            "mrsignerseam": report.mr_signer_seam.hex(),
+            "seam_attributes": report.seam_attributes.hex(),
+            "td_attributes": report.td_attributes.hex(),
+            "xfam": report.xfam.hex(),
+            "tee_tcb_svn": report.tee_tcb_svn.hex(),
+            "quote_version": quote.version,
+            "td_body": "1.5" if report.mr_service_td is not None else "1.0",
+            "fmspc": request.fmspc.lower(),
+            "pce_id": request.pce_id.lower(),
+            "qe_isvsvn": qe.isv_svn,
+            "qe_tcb_status": qe_status,
+        }
+        if module_status is not None:
+            values["tdx_module_tcb_status"] = module_status
+        if report.mr_service_td is not None and report.tee_tcb_svn2 is not None:
+            values["mrservicetd"] = report.mr_service_td.hex()
+            values["tee_tcb_svn2"] = report.tee_tcb_svn2.hex()
+        return Claims(
+            tee=Tee.TDX,
+            report_data=report.report_data,
+            debug=report.debug,
+            values=values,
+            tcb_status=status,
+            advisory_ids=(*level.advisory_ids, *qe_advisories, *module_advisories),
+        )
