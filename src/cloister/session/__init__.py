@@ -1,1 +1,143 @@
-"""session."""
+"""The session language: documents, load-time checks, the canonical hash, templating.
+
+``Session.from_yaml`` is the one loader: the CLI, the CAS and the Kubernetes webhook all call
+it, so a document means the same everywhere. A loaded ``Session`` is valid as a whole (every
+cross-reference resolves) and immutable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from cloister import limits
+from cloister.errors import SessionError
+from cloister.session import _checks, _keys, template
+from cloister.session._keys import format_public_key, parse_public_key, public_key_of
+from cloister.session._models import (
+    AccessPolicy,
+    Attestation,
+    Image,
+    InjectionFile,
+    Secret,
+    SecretKind,
+    Service,
+    SessionDocument,
+    parse_duration,
+)
+
+__all__ = [
+    "AccessPolicy",
+    "Attestation",
+    "Image",
+    "InjectionFile",
+    "Secret",
+    "SecretKind",
+    "Service",
+    "Session",
+    "SessionDocument",
+    "format_public_key",
+    "parse_duration",
+    "parse_public_key",
+    "public_key_of",
+    "signatures",
+    "template",
+]
+
+signatures = _keys
+
+
+@dataclass(frozen=True)
+class Session:
+    """A valid session document and its hash (SHA-256 of the canonical form, lowercase hex)."""
+
+    document: SessionDocument
+    hash: str
+
+    @property
+    def name(self) -> str:
+        return self.document.name
+
+    @classmethod
+    def from_yaml(cls, text: str | bytes) -> Session:
+        raw = text if isinstance(text, bytes) else text.encode()
+        if len(raw) > limits.MAX_SESSION_BYTES:
+            raise SessionError(f"the session is larger than {limits.MAX_SESSION_BYTES} bytes")
+        try:
+            data = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            problem = getattr(exc, "problem", None) or "not valid YAML"
+            raise SessionError(f"the session is not valid YAML{at}: {problem}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Session:
+        if not isinstance(data, dict):
+            raise SessionError("a session is a YAML mapping with at least name and version")
+        try:
+            doc = SessionDocument.model_validate(data)
+        except ValidationError as exc:
+            raise SessionError(_describe(exc)) from None
+        _checks.check(doc)
+        return cls(doc, canonical_hash(doc))
+
+    def service(self, name: str) -> Service | None:
+        return next((s for s in self.document.services if s.name == name), None)
+
+    def secret(self, name: str) -> Secret | None:
+        return next((s for s in self.document.secrets if s.name == name), None)
+
+    def image(self, name: str | None) -> Image | None:
+        return next((i for i in self.document.images if i.name == name), None)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(
+            self.document.model_dump(mode="json", exclude_defaults=True), sort_keys=False
+        )
+
+
+def canonical_form(doc: SessionDocument) -> bytes:
+    """Deterministic bytes of a document: every field, sorted keys, no whitespace."""
+    return json.dumps(
+        doc.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+
+
+def canonical_hash(doc: SessionDocument) -> str:
+    return hashlib.sha256(canonical_form(doc)).hexdigest()
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors()[:10]:
+        loc = _location(err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key")
+        elif err["type"] == "missing":
+            lines.append(f"{loc}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}")
+    more = len(exc.errors()) - len(lines)
+    if more > 0:
+        lines.append(f"... and {more} more")
+    return "; ".join(lines)
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("list[str]", "str", "function-after[_check(), Attestation]"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "session"

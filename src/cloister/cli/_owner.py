@@ -1,0 +1,43 @@
+"""The owner's key on this machine: ``$CLOISTER_HOME/owner.key`` (Ed25519, PKCS#8 PEM, 0600)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from cloister.client import cloister_home
+from cloister.errors import AccessDenied
+
+
+def key_path(home: Path | None = None) -> Path:
+    return (home or cloister_home()) / "owner.key"
+
+
+def create(path: Path) -> ed25519.Ed25519PrivateKey:
+    key = ed25519.Ed25519PrivateKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return key
+
+
+def load(path: Path | None = None) -> ed25519.Ed25519PrivateKey:
+    path = path or key_path()
+    if not path.exists():
+        raise AccessDenied(
+            f"no owner key at {path}; create one with 'cloister keys create'", reason="no-owner-key"
+        )
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise AccessDenied(f"{path} is not an Ed25519 owner key", reason="bad-owner-key")
+    return key

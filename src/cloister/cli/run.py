@@ -1,0 +1,98 @@
+"""`cloister run`: the agent. Attest, receive the configuration, exec the unmodified program."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import typer
+
+from cloister.agent import activation, inject
+from cloister.agent.evidence import EvidenceProvider, SimulatedProvider
+from cloister.attestation import simulated
+from cloister.cli._errors import handle_errors, usage_error
+from cloister.client import CasClient, cloister_home
+
+log = logging.getLogger(__name__)
+
+
+def _config_id(session: str | None, service: str | None) -> tuple[str, str]:
+    if session and service:
+        return session, service
+    config_id = os.environ.get("SCONE_CONFIG_ID", "")
+    name, sep, svc = config_id.rpartition("/")
+    if not sep or not name or not svc:
+        raise usage_error("name --session and --service, or set SCONE_CONFIG_ID=session/service")
+    return session or name, service or svc
+
+
+def _cas_url(cas: str | None) -> str:
+    url = cas or os.environ.get("SCONE_CAS_ADDR", "")
+    if not url:
+        raise usage_error("name the CAS with --cas URL or SCONE_CAS_ADDR")
+    return url if url.startswith("https://") else f"https://{url}"
+
+
+def _provider(simulation: bool, measure: list[Path], cmd: list[str]) -> EvidenceProvider:
+    if not simulation:
+        from cloister.agent import evidence_hw
+
+        provider = evidence_hw.detect()
+        if provider is None:
+            raise usage_error("no TEE found; pass --simulation to run without one (protects nothing)")
+        return provider
+    files = measure
+    if not files:
+        if not cmd:
+            raise usage_error("with --simulation, name the program (CMD) or the files to --measure")
+        exe = shutil.which(cmd[0])
+        if exe is None:
+            raise usage_error(f"cannot find program {cmd[0]!r} to measure")
+        files = [Path(exe)]
+    try:
+        measurement = simulated.measure_files(files)
+    except OSError as exc:
+        raise usage_error(f"cannot read {exc.filename} to measure it") from None
+    typer.secho("WARNING: simulation mode: this workload's attestation protects nothing", fg="yellow", err=True)
+    platform = simulated.SimulatedPlatform.load_or_create(cloister_home() / "simulation-platform.key")
+    return SimulatedProvider(platform, measurement)
+
+
+@handle_errors
+def run(
+    ctx: typer.Context,
+    cas: str | None = typer.Option(None, "--cas", help="CAS URL (or SCONE_CAS_ADDR)"),
+    session: str | None = typer.Option(None, "--session", help="session name"),
+    service: str | None = typer.Option(None, "--service", help="service name in the session"),
+    simulation: bool = typer.Option(False, "--simulation", help="simulated TEE (protects nothing)"),
+    measure: list[Path] = typer.Option([], "--measure", help="files whose digest is the measurement"),
+    cas_cert: Path | None = typer.Option(
+        None, "--cas-cert", envvar="CLOISTER_CAS_CERT", help="pinned CAS certificate (default: from 'cas attest')"
+    ),
+    files_root: Path = typer.Option(Path("/"), "--files-root", help="prefix for injected file paths"),
+) -> None:
+    """Attest this workload, receive its configuration and exec the program (CMD after --)."""
+    cmd = list(ctx.args)
+    session, service = _config_id(session, service)
+    url = _cas_url(cas)
+    provider = _provider(simulation, measure, cmd)
+    cert_pem = cas_cert.read_bytes() if cas_cert else None
+    with CasClient(url, cert_pem=cert_pem) as client:
+        activated = activation.activate(client, provider, session, service)
+    prepared = inject.prepare(
+        activated.bundle, activated.tls_key_pem(), base_env=os.environ, root=files_root
+    )
+    argv = prepared.argv if prepared.argv is not None else cmd
+    if not argv:
+        raise usage_error("the session's service has no command; give one after --")
+    if prepared.pwd:
+        os.chdir(prepared.pwd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(argv[0], argv, prepared.environment)  # noqa: S606 - the whole point
+    except OSError as exc:
+        raise usage_error(f"cannot start {argv[0]!r}: {exc.strerror}") from None

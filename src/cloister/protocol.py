@@ -1,0 +1,125 @@
+"""The CAS's wire format (version 1): request and response bodies shared by CAS and clients.
+
+Pure data and the two derivations both sides must agree on: the key material that an
+activation's report data binds, and the HPKE ``info`` that binds a sealed bundle to its
+activation. Nothing here performs IO.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cloister import limits
+
+WIRE_VERSION = 1
+HPKE_SUITE_NAME = "MLKEM768-X25519/HKDF-SHA256/AES-256-GCM"
+_BUNDLE_INFO = b"cloister-bundle-v1\x00"
+_READ_DOMAIN = b"cloister-session-read-v1\x00"
+
+_B64_EVIDENCE = (limits.MAX_EVIDENCE_BYTES * 4) // 3 + 8
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def activation_key_material(hpke_public_key: bytes, csr_public_key_der: bytes) -> bytes:
+    """What the report data of an activation binds: both keys the workload activates with."""
+    return hpke_public_key + csr_public_key_der
+
+
+def bundle_info(nonce: bytes) -> bytes:
+    return _BUNDLE_INFO + nonce
+
+
+def read_payload(session: str, nonce: str) -> bytes:
+    return _READ_DOMAIN + session.encode() + b"\x00" + bytes.fromhex(nonce)
+
+
+class ErrorBody(Wire):
+    error: str
+    message: str
+    request_id: str
+
+
+class NonceResponse(Wire):
+    nonce: str
+    expires_at: float
+
+
+class CasEvidence(Wire):
+    tee: str
+    evidence: str  # base64
+    identity_certificate: str  # PEM; the evidence binds SHA-512(nonce ‖ its SPKI DER)
+    simulation: bool
+
+
+class SessionSignature(Wire):
+    public_key: str = Field(max_length=512)
+    signature: str = Field(max_length=512)
+
+
+class SignedSession(Wire):
+    session: str = Field(max_length=limits.MAX_SESSION_BYTES)
+    signatures: list[SessionSignature] = Field(max_length=64)
+
+
+class SessionAccepted(Wire):
+    name: str
+    hash: str
+    version: int
+
+
+class SignedRead(Wire):
+    nonce: str = Field(pattern=r"^[0-9a-f]{64}$")
+    public_key: str = Field(max_length=512)
+    signature: str = Field(max_length=512)
+
+
+class SessionView(Wire):
+    name: str
+    hash: str
+    version: int
+    session: str
+
+
+class ServiceExists(Wire):
+    session: str
+    service: str
+    session_hash: str
+
+
+class ActivationRequest(Wire):
+    binding_version: int = WIRE_VERSION
+    tee: str = Field(max_length=16)
+    evidence: str = Field(max_length=_B64_EVIDENCE)
+    nonce: str = Field(pattern=r"^[0-9a-f]{64}$")
+    hpke_public_key: str = Field(max_length=4096)
+    csr: str = Field(max_length=limits.MAX_CSR_BYTES)
+    session: str = Field(max_length=limits.MAX_NAME_LENGTH * limits.MAX_SESSION_NAME_DEPTH)
+    service: str = Field(max_length=limits.MAX_NAME_LENGTH)
+
+
+class ActivationResponse(Wire):
+    suite: str = HPKE_SUITE_NAME
+    sealed_bundle: str  # base64 HPKE ciphertext of a ``Bundle``
+
+
+class BundleFile(Wire):
+    path: str
+    content: str  # base64
+    mode: int = 0o600
+
+
+class Bundle(Wire):
+    """The configuration a workload receives, only ever sealed to its ephemeral key."""
+
+    session: str
+    service: str
+    session_hash: str
+    command: list[str] | None
+    environment: dict[str, str]
+    pwd: str | None
+    files: list[BundleFile]
+    key_marker: str  # stands for the workload's own private key (PEM) wherever it occurs
+    certificates: dict[str, str]  # x509 secret name → PEM issued for the workload's CSR key
