@@ -139,6 +139,10 @@ class _Dumper(yaml.SafeDumper):
 
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
     style = "|" if "\n" in value and not value.endswith(" ") else None
+    if value == FILL_IN:
+        # Quoted, so that what the owner pastes in stays a string: YAML would read a
+        # measurement such as 1234e5... as a number.
+        style = '"'
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
