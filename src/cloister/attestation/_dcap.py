@@ -957,15 +957,6 @@ class DcapSteps:
     def quote_signature(self, quote: Quote) -> None:
         verify_quote_signature(quote)
 
-    def fetch(self, tee: Tee, chain: PckChain) -> tuple[DcapRequest, DcapCollateral]:
-        request = DcapRequest(
-            tee=tee,
-            fmspc=chain.extension.fmspc.hex().upper(),
-            pce_id=chain.extension.pce_id.hex().upper(),
-            ca=chain.ca_kind,
-        )
-        return request, self.source.dcap_collateral(request)
-
     def tcb_info(self, col: DcapCollateral, tee: Tee, chain: PckChain) -> TcbInfo:
         body, sig, pem = col.tcb_info_body, col.tcb_info_signature, col.tcb_info_issuer_chain
         if body is None or sig is None or pem is None:
@@ -1049,7 +1040,7 @@ class DcapSteps:
         """Cache collateral that verified, for the intersection of its windows."""
         start = max(tcb.issue_date, qe.issue_date, crls[0].this_update, crls[1].this_update)
         end = min(tcb.next_update, qe.next_update, crls[0].next_update, crls[1].next_update)
-        self.cache.put(("dcap", request), col, start, end)
+        self.cache.put(("dcap", self.source, request), col, start, end)
 
     def collateral(self, tee: Tee, chain: PckChain, now: datetime) -> tuple[DcapRequest, DcapCollateral, bool]:
         """Collateral from the cache while valid at ``now``, else from the source."""
@@ -1059,7 +1050,8 @@ class DcapSteps:
             pce_id=chain.extension.pce_id.hex().upper(),
             ca=chain.ca_kind,
         )
-        cached = self.cache.get(("dcap", request), now)
+        # Keyed by source too: one cache may serve verifiers with different sources.
+        cached = self.cache.get(("dcap", self.source, request), now)
         if isinstance(cached, DcapCollateral):
             return request, cached, True
         return request, self.source.dcap_collateral(request), False

@@ -18,7 +18,8 @@ class Verifier(Protocol):
     window check can be tested at fixed instants.
     """
 
-    tee: Tee
+    @property
+    def tee(self) -> Tee: ...
 
     def verify(self, evidence: bytes, *, now: datetime) -> Claims: ...
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from importlib import resources
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -39,6 +40,8 @@ __all__ = [
     "root_pem",
     "spki_sha256",
 ]
+
+T = TypeVar("T")
 
 _PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
 _PEM_END = b"-----END CERTIFICATE-----"
@@ -74,22 +77,53 @@ def spki_sha256(cert: x509.Certificate) -> str:
     return hashlib.sha256(spki).hexdigest()
 
 
-def _quiet_load(load: object, data: bytes) -> x509.Certificate:
-    # AMD KDS issues VCEK/VLEK certificates with serial number 0, which ``cryptography``
-    # accepts with a deprecation warning; the serial carries no meaning for those certificates.
+def _strict_load(load: Callable[[bytes], T], data: bytes, touch: Callable[[T], object]) -> T:
+    """Load and parse eagerly, turning every parser warning into a refusal.
+
+    ``cryptography`` parses names and extensions lazily and only *warns* about some malformed
+    encodings; a verifier must refuse them at load time instead of tripping over them later.
+    The one exception is the non-positive serial number of AMD's VCEK/VLEK certificates
+    (serial 0), which carries no meaning there.
+    """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cert = load(data)  # type: ignore[operator]
-        # Touch the serial under the filter: the warning is raised lazily on first access.
-        _ = cert.serial_number
-        return cert  # type: ignore[no-any-return]
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message="Parsed a serial number which wasn't positive")
+        try:
+            obj = load(data)
+            touch(obj)
+        except (
+            ValueError,
+            TypeError,
+            Warning,
+            UnsupportedAlgorithm,
+            x509.DuplicateExtension,
+            x509.UnsupportedGeneralNameType,
+        ) as exc:
+            raise ValueError(f"malformed encoding: {exc}") from None
+    return obj
+
+
+def _touch_cert(cert: x509.Certificate) -> object:
+    return (
+        cert.serial_number,
+        cert.subject,
+        cert.issuer,
+        cert.not_valid_before_utc,
+        cert.not_valid_after_utc,
+        list(cert.extensions),
+        cert.public_key(),
+    )
+
+
+def _touch_crl(crl: x509.CertificateRevocationList) -> object:
+    return (crl.issuer, crl.last_update_utc, crl.next_update_utc, [r.serial_number for r in crl])
 
 
 def load_der_cert(data: bytes) -> x509.Certificate:
     """One DER certificate, bounded by ``MAX_COLLATERAL_ITEM_BYTES``; ``ValueError`` if bad."""
     if len(data) > limits.MAX_COLLATERAL_ITEM_BYTES:
         raise ValueError("certificate exceeds MAX_COLLATERAL_ITEM_BYTES")
-    return _quiet_load(x509.load_der_x509_certificate, data)
+    return _strict_load(x509.load_der_x509_certificate, data, _touch_cert)
 
 
 def load_pem_certs(data: bytes, *, max_count: int = limits.MAX_CERT_CHAIN_LENGTH) -> list[x509.Certificate]:
@@ -105,7 +139,7 @@ def load_pem_certs(data: bytes, *, max_count: int = limits.MAX_CERT_CHAIN_LENGTH
         end += len(_PEM_END)
         if len(certs) >= max_count:
             raise ValueError(f"more than {max_count} certificates in one chain")
-        certs.append(_quiet_load(x509.load_pem_x509_certificate, data[start:end]))
+        certs.append(_strict_load(x509.load_pem_x509_certificate, data[start:end], _touch_cert))
         pos = end
     if not certs:
         raise ValueError("no PEM certificate found")
@@ -118,13 +152,14 @@ def load_der_crl(data: bytes) -> x509.CertificateRevocationList:
         raise ValueError("CRL exceeds MAX_COLLATERAL_ITEM_BYTES")
     stripped = data.strip()
     if stripped.startswith(b"-----BEGIN"):
-        return x509.load_pem_x509_crl(stripped)
+        return _strict_load(x509.load_pem_x509_crl, stripped, _touch_crl)
     if stripped and all(c in b"0123456789abcdefABCDEF" for c in stripped[:64]):
         try:
-            return x509.load_der_x509_crl(bytes.fromhex(stripped.decode("ascii")))
+            raw = bytes.fromhex(stripped.decode("ascii"))
         except (ValueError, UnicodeDecodeError):
-            pass
-    return x509.load_der_x509_crl(data)
+            raw = data
+        return _strict_load(x509.load_der_x509_crl, raw, _touch_crl)
+    return _strict_load(x509.load_der_x509_crl, data, _touch_crl)
 
 
 def issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:

@@ -149,7 +149,8 @@ class SnpVerifier:
                 ark=table.get("ark"),
             )
             return col, None, False
-        key = ("snp", product, kind, report.chip_id, report.reported_tcb)
+        # Keyed by source too: one cache may serve verifiers with different sources.
+        key = ("snp", self._source, product, kind, report.chip_id, report.reported_tcb)
         hit = self._cache.get(key, now)
         if isinstance(hit, SnpCollateral):
             return hit, key, True
