@@ -9,7 +9,8 @@ A volume directory holds::
 
     volume       header: magic, version, block size, volume id, HMAC under the header key
     manifest     the encrypted manifest of the current generation (replaced by rename)
-    data/<fid>   one file of block records per regular file, named by its random file id
+    data/<fid>   slot 0 of each block of a regular file, named by its random file id
+    data/<fid>.1 slot 1 of each block (created when a committed block is first overwritten)
     lock         an empty file that the one writer holds an exclusive flock(2) on
 
 Keys (all HKDF-SHA256 from the 32-byte volume key, salt = the 16-byte volume id)::
@@ -21,8 +22,9 @@ Keys (all HKDF-SHA256 from the 32-byte volume key, salt = the 16-byte volume id)
 
 A block record is ``nonce(12) || AES-256-GCM(file key, nonce, plaintext, aad)`` with
 ``aad = fid || u64 block index``; its 16-byte GCM tag is also pinned in the manifest. Each
-block index has two slots; a write goes to the slot that the last committed manifest does
-*not* name, so a crash can never damage committed data (copy-on-write at block granularity).
+block index has two slots, one in each slot file, at the same offset; a write goes to the
+slot that the last committed manifest does *not* name, so a crash can never damage committed
+data (copy-on-write at block granularity).
 
 The root tag of a generation is ``"<generation>:<hex HMAC-SHA256(root key, manifest file)>"``.
 """
@@ -179,23 +181,29 @@ def record_stride(block_size: int) -> int:
     return NONCE_BYTES + block_size + TAG_BYTES
 
 
-def record_offset(block_size: int, index: int, slot: int) -> int:
-    # Slots of one block sit side by side, so a file that was written once is contiguous
-    # except for holes that occupy no disk space.
-    return (2 * index + slot) * record_stride(block_size)
+def record_offset(block_size: int, index: int) -> int:
+    # Block i of a slot file sits at i strides, whatever the other slot holds: a file that
+    # was written once is one contiguous run, which the kernel's readahead recognizes.
+    return index * record_stride(block_size)
 
 
 def block_aad(fid: bytes, index: int) -> bytes:
     return _BLOCK_AAD.pack(fid, index)
 
 
-def data_extent(block_size: int, size: int, slots: bytes | bytearray) -> int:
-    """Length of a data file that holds exactly the records a manifest entry names."""
-    if size == 0:
-        return 0
-    last = (size - 1) // block_size
-    length = size - last * block_size
-    return record_offset(block_size, last, slots[last]) + NONCE_BYTES + length + TAG_BYTES
+def data_extents(block_size: int, size: int, slots: bytes | bytearray) -> tuple[int, int]:
+    """The exact length of each slot file of a file whose manifest entry is (size, slots)."""
+    n = len(slots)
+    if n == 0:
+        return (0, 0)
+    stride = record_stride(block_size)
+    extents = [0, 0]
+    last = slots[n - 1]
+    extents[last] = (n - 1) * stride + NONCE_BYTES + (size - (n - 1) * block_size) + TAG_BYTES
+    other = slots.rfind(b"\x01" if last == 0 else b"\x00", 0, n - 1)
+    if other >= 0:
+        extents[1 - last] = (other + 1) * stride
+    return (extents[0], extents[1])
 
 
 # --- root tag ----------------------------------------------------------------------------
@@ -376,5 +384,6 @@ def parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
 
-def fid_name(fid: bytes) -> str:
-    return fid.hex()
+def data_name(fid: bytes, slot: int) -> str:
+    """The name of a file's slot file in ``data/``: its random id, and ".1" for slot 1."""
+    return fid.hex() if slot == 0 else fid.hex() + ".1"

@@ -46,6 +46,7 @@ Clock = Callable[[], int]
 
 _MAX_OPEN_DATA_FILES: Final = 64  # data file descriptors kept open between calls
 _MAX_DIRTY_BLOCKS: Final = 64  # dirty plaintext blocks per file before they are sealed
+_RUN_BLOCKS: Final = 16  # whole blocks encrypted into one buffer and written with one pwrite
 _SYNCFS_THRESHOLD: Final = 16  # above this many files to flush, one syncfs(2) beats fsyncs
 _DEFAULT_FILE_MODE: Final = 0o644
 _DEFAULT_DIR_MODE: Final = 0o755
@@ -114,13 +115,14 @@ class Volume:
         self._clock = clock
         self._data_dir = os.path.join(directory, fmt.DATA_DIR)
         self._open: dict[bytes, OpenFile] = {}
-        self._fds: OrderedDict[bytes, int] = OrderedDict()
+        self._fds: OrderedDict[tuple[bytes, int], int] = OrderedDict()
         self._stride = fmt.record_stride(self.block_size)
         self._scratch = bytearray(self._stride)
+        self._batch = bytearray(self._stride)
         self._zeros = bytes(self.block_size)
         # What the next commit has to do.
         self._modified = False
-        self._unsynced: set[bytes] = set()  # fids whose data file has unsynced writes
+        self._unsynced: set[tuple[bytes, int]] = set()  # slot files with unsynced writes
         self._new_data_files = False
         self._changed: set[bytes] = set()  # fids whose block table changed
         self._doomed: set[bytes] = set()  # fids whose data file goes after the next commit
@@ -261,6 +263,14 @@ class Volume:
         elif rec.fid in self._open:
             self._open[rec.fid].path = d
 
+    def data_files(self, path: str) -> list[str]:
+        """The files under ``data/`` that hold a file's blocks (for inspection and tests)."""
+        rec = self._record(fmt.normalize(path))
+        if not isinstance(rec, fmt.FileRecord):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        names = [os.path.join(self._data_dir, fmt.data_name(rec.fid, s)) for s in (0, 1)]
+        return [n for n in names if os.path.exists(n)]
+
     def set_mode(self, path: str, mode: int) -> None:
         self._check_writable()
         rec = self._record(fmt.normalize(path))
@@ -328,7 +338,7 @@ class Volume:
             f = self._state(p, rec)
             self._fd(rec.fid, create=True)  # every file has a data file, even an empty one
             self._new_data_files = True
-            self._unsynced.add(rec.fid)
+            self._unsynced.add((rec.fid, 0))
             self._changed.add(rec.fid)
         elif exclusive:
             raise FileExistsError(errno.EEXIST, "file exists", path)
@@ -395,8 +405,20 @@ class Volume:
             lo, hi = pos - start, min(length, end - start)
             piece = src[pos - offset : pos - offset + hi - lo]
             if lo == 0 and hi == length:
+                # A run of whole blocks bound for the same slot goes out in one pwrite.
+                run = [piece]
+                slot = self._slot_for(f, index)
                 f.dirty.pop(index, None)
-                self._seal(f, index, piece)
+                while len(run) < _RUN_BLOCKS and pos + len(run) * bs + bs <= end:
+                    nxt = index + len(run)
+                    if self._slot_for(f, nxt) != slot:
+                        break
+                    begin = nxt * bs - offset
+                    run.append(src[begin : begin + bs])
+                    f.dirty.pop(nxt, None)
+                self._seal_run(f, index, run)
+                pos = start + len(run) * bs
+                continue
             else:
                 block = self._dirty_block(f, index, length)
                 block[lo:hi] = piece
@@ -474,12 +496,13 @@ class Volume:
             rec = self._records[path]
             assert isinstance(rec, fmt.FileRecord)
             f = self._state(path, rec)
-            physical = os.fstat(self._fd(rec.fid)).st_size
-            extent = fmt.data_extent(self.block_size, rec.size, rec.slots)
-            if physical < extent:
-                raise _integrity("the file was truncated", "file-truncated", path)
-            if physical > extent:
-                raise _integrity("the file was extended", "file-extended", path)
+            extents = fmt.data_extents(self.block_size, rec.size, rec.slots)
+            for slot, extent in enumerate(extents):
+                physical = self._physical_size(f, slot, required=slot == 0 or extent > 0)
+                if physical < extent:
+                    raise _integrity("the file was truncated", "file-truncated", path)
+                if physical > extent:
+                    raise _integrity("the file was extended", "file-extended", path)
             for index in range(len(rec.slots)):
                 length = min(self.block_size, rec.size - index * self.block_size)
                 self._open_block(f, index, length, out[:length])
@@ -573,27 +596,50 @@ class Volume:
 
     # --- internals: blocks ---------------------------------------------------------------
 
-    def _fd(self, fid: bytes, *, create: bool = False, path: str | None = None) -> int:
-        fd = self._fds.get(fid)
+    def _fd(
+        self, fid: bytes, slot: int = 0, *, create: bool = False, path: str | None = None
+    ) -> int:
+        key = (fid, slot)
+        fd = self._fds.get(key)
         if fd is not None:
-            self._fds.move_to_end(fid)
+            self._fds.move_to_end(key)
             return fd
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
         if create:
-            flags |= os.O_CREAT | os.O_EXCL
-        name = os.path.join(self._data_dir, fmt.fid_name(fid))
+            flags |= os.O_CREAT
+        name = os.path.join(self._data_dir, fmt.data_name(fid, slot))
         try:
             fd = os.open(name, flags, 0o600)
         except FileNotFoundError:
-            if path is None:
-                path = next((p for p, r in self._records.items()
-                             if isinstance(r, fmt.FileRecord) and r.fid == fid), None)  # fmt: skip
-            raise _integrity("the file's data is missing", "file-missing", path) from None
-        self._fds[fid] = fd
+            raise _integrity(
+                "the file's data is missing", "file-missing", path or self._path_of(fid)
+            ) from None
+        self._fds[key] = fd
         if len(self._fds) > _MAX_OPEN_DATA_FILES:
             _, old = self._fds.popitem(last=False)
             os.close(old)
         return fd
+
+    def _physical_size(self, f: OpenFile, slot: int, *, required: bool) -> int:
+        name = os.path.join(self._data_dir, fmt.data_name(f.rec.fid, slot))
+        if not required and not os.path.exists(name):
+            return 0
+        return os.fstat(self._fd(f.rec.fid, slot, path=f.path)).st_size
+
+    def _path_of(self, fid: bytes) -> str | None:
+        f = self._open.get(fid)
+        if f is not None:
+            return f.path
+        for path, rec in self._records.items():
+            if isinstance(rec, fmt.FileRecord) and rec.fid == fid:
+                return path
+        return None
+
+    def _close_fds(self, fid: bytes) -> None:
+        for slot in (0, 1):
+            fd = self._fds.pop((fid, slot), None)
+            if fd is not None:
+                os.close(fd)
 
     def _open_block(self, f: OpenFile, index: int, length: int, dst: memoryview) -> None:
         """Authenticate block ``index`` on disk and decrypt it into ``dst``.
@@ -605,9 +651,10 @@ class Volume:
         """
         rec = f.rec
         want = NONCE_AND_TAG + length
-        offset = fmt.record_offset(self.block_size, index, rec.slots[index])
+        slot = rec.slots[index]
         buf = memoryview(self._scratch)[:want]
-        got = os.preadv(self._fd(rec.fid, path=f.path), [buf], offset)
+        fd = self._fd(rec.fid, slot, path=f.path)
+        got = os.preadv(fd, [buf], fmt.record_offset(self.block_size, index))
         if got < want:  # (1)
             raise _integrity(f"the file was truncated (block {index})", "file-truncated", f.path)
         nonce, sealed = buf[: fmt.NONCE_BYTES], buf[fmt.NONCE_BYTES :]
@@ -654,25 +701,46 @@ class Volume:
             block.extend(bytes(length - len(block)))
         return block
 
+    def _slot_for(self, f: OpenFile, index: int) -> int:
+        """Rule 1: the slot that the last committed manifest does not name for this block."""
+        return 1 - f.committed[index] if index < len(f.committed) else 0
+
     def _seal(self, f: OpenFile, index: int, plain: bytes | bytearray | memoryview) -> None:
-        """Encrypt one block into the slot the committed manifest does not use (rule 1)."""
+        """Encrypt one block into its free slot (rule 1)."""
+        self._seal_run(f, index, [plain])
+
+    def _seal_run(
+        self, f: OpenFile, first: int, blocks: list[bytes | bytearray | memoryview]
+    ) -> None:
+        """Encrypt consecutive blocks that share a free slot, and write them with one pwrite."""
         rec = f.rec
-        slot = 1 - f.committed[index] if index < len(f.committed) else 0
-        nonce = os.urandom(fmt.NONCE_BYTES)
-        record = memoryview(self._scratch)[: NONCE_AND_TAG + len(plain)]
-        record[: fmt.NONCE_BYTES] = nonce
-        f.cipher.encrypt_into(
-            nonce, plain, fmt.block_aad(rec.fid, index), record[fmt.NONCE_BYTES :]
-        )
-        offset = fmt.record_offset(self.block_size, index, slot)
-        fd = self._fd(rec.fid, path=f.path)
-        if os.pwrite(fd, record, offset) != len(record):
+        slot = self._slot_for(f, first)
+        stride = self._stride
+        need = stride * len(blocks)
+        if len(self._batch) < need:
+            self._batch = bytearray(need)
+        out = memoryview(self._batch)
+        pos = 0
+        for k, plain in enumerate(blocks):
+            index = first + k
+            nonce = os.urandom(fmt.NONCE_BYTES)
+            end = pos + NONCE_AND_TAG + len(plain)
+            out[pos : pos + fmt.NONCE_BYTES] = nonce
+            aad = fmt.block_aad(rec.fid, index)
+            f.cipher.encrypt_into(nonce, plain, aad, out[pos + fmt.NONCE_BYTES : end])
+            rec.slots[index] = slot
+            rec.tags[index * fmt.TAG_BYTES : (index + 1) * fmt.TAG_BYTES] = out[
+                end - fmt.TAG_BYTES : end
+            ]
+            if f.cached is not None and f.cached[0] == index:
+                f.cached = None
+            pos = end if k == len(blocks) - 1 else pos + stride
+        fd = self._fd(rec.fid, slot, create=slot == 1, path=f.path)
+        if os.pwrite(fd, out[:pos], fmt.record_offset(self.block_size, first)) != pos:
             raise OSError(errno.EIO, "short write to a data file", f.path)
-        rec.slots[index] = slot
-        rec.tags[index * fmt.TAG_BYTES : (index + 1) * fmt.TAG_BYTES] = record[-fmt.TAG_BYTES :]
-        if f.cached is not None and f.cached[0] == index:
-            f.cached = None
-        self._unsynced.add(rec.fid)
+        self._unsynced.add((rec.fid, slot))
+        if slot == 1:
+            self._new_data_files = True
 
     def _flush(self, f: OpenFile) -> None:
         for index in sorted(f.dirty):
@@ -711,10 +779,9 @@ class Volume:
         if len(self._unsynced) > _SYNCFS_THRESHOLD:
             _syncfs(self._data_dir)
         else:
-            for fid in self._unsynced:
-                if fid in self._doomed:
-                    continue
-                os.fsync(self._fd(fid))
+            for fid, slot in self._unsynced:
+                if fid not in self._doomed:
+                    os.fsync(self._fd(fid, slot))
             if self._new_data_files:
                 _fsync_dir(self._data_dir)
         self._unsynced.clear()
@@ -736,23 +803,25 @@ class Volume:
     def _collect(self) -> None:
         """After a commit: drop data files nobody references, trim the ones that shrank."""
         for fid in self._doomed:
-            fd = self._fds.pop(fid, None)
-            if fd is not None:
-                os.close(fd)
-            try:
-                os.unlink(os.path.join(self._data_dir, fmt.fid_name(fid)))
-            except FileNotFoundError:
-                pass
+            self._close_fds(fid)
+            for slot in (0, 1):
+                try:
+                    os.unlink(os.path.join(self._data_dir, fmt.data_name(fid, slot)))
+                except FileNotFoundError:
+                    pass
         self._doomed.clear()
         for fid in self._changed:
             f = self._open.get(fid)
             if f is None or f.unlinked:
                 continue
             f.committed = bytes(f.rec.slots)
-            extent = fmt.data_extent(self.block_size, f.rec.size, f.rec.slots)
-            fd = self._fd(fid)
-            if os.fstat(fd).st_size > extent:
-                os.ftruncate(fd, extent)
+            extents = fmt.data_extents(self.block_size, f.rec.size, f.rec.slots)
+            for slot, extent in enumerate(extents):
+                if slot == 1 and not extent and (fid, 1) not in self._fds:
+                    continue  # never written, or already trimmed and closed
+                fd = self._fd(fid, slot, create=slot == 1)
+                if os.fstat(fd).st_size > extent:
+                    os.ftruncate(fd, extent)
         self._changed.clear()
 
     def _recover(self) -> None:
@@ -761,20 +830,19 @@ class Volume:
             os.unlink(os.path.join(self.directory, fmt.MANIFEST_TMP_NAME))
         except FileNotFoundError:
             pass
-        referenced = {}
-        for path, rec in self._records.items():
+        referenced: dict[str, int] = {}
+        for rec in self._records.values():
             if isinstance(rec, fmt.FileRecord):
-                referenced[fmt.fid_name(rec.fid)] = (path, rec)
+                extents = fmt.data_extents(self.block_size, rec.size, rec.slots)
+                for slot in (0, 1):
+                    referenced[fmt.data_name(rec.fid, slot)] = extents[slot]
         for name in os.listdir(self._data_dir):
-            item = referenced.get(name)
             full = os.path.join(self._data_dir, name)
-            if item is None:
+            extent = referenced.get(name)
+            if extent is None:
                 if stat_module.S_ISREG(os.lstat(full).st_mode):
                     os.unlink(full)
-                continue
-            path, rec = item
-            extent = fmt.data_extent(self.block_size, rec.size, rec.slots)
-            if os.lstat(full).st_size > extent:
+            elif os.lstat(full).st_size > extent:
                 os.truncate(full, extent)
 
     def _report(self, tag: str) -> None:
