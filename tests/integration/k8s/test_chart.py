@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import yaml
@@ -38,7 +39,7 @@ VARIANTS = {
 }  # fmt: skip
 
 
-def render(cluster: Cluster, namespace: str, *args: str) -> list[dict[str, object]]:
+def render(cluster: Cluster, namespace: str, *args: str) -> list[dict[str, Any]]:
     out = cluster.helm("template", "rel", str(CHART), "--namespace", namespace, *args).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
@@ -61,17 +62,17 @@ def test_rendered_chart_passes_server_side_dry_run(
 
 
 def test_tee_settings_reach_the_cas(cluster: Cluster) -> None:
-    def cas_pod(*args: str) -> dict[str, object]:
+    def cas_pod(*args: str) -> dict[str, Any]:
         sts = next(d for d in render(cluster, "ns", *args) if d["kind"] == "StatefulSet")
-        spec: dict[str, object] = sts["spec"]["template"]["spec"]  # type: ignore[index]
+        spec: dict[str, Any] = sts["spec"]["template"]["spec"]
         return spec
 
     sim = cas_pod()
-    assert "--simulation" in sim["containers"][0]["args"]  # type: ignore[index]
+    assert "--simulation" in sim["containers"][0]["args"]
     sgx = cas_pod("--set", "tee.type=sgx")
-    limits = sgx["containers"][0]["resources"]["limits"]  # type: ignore[index]
+    limits = sgx["containers"][0]["resources"]["limits"]
     assert limits["sgx.intel.com/enclave"] == 1 and "sgx.intel.com/epc" in limits
-    assert "--simulation" not in sgx["containers"][0]["args"]  # type: ignore[index]
+    assert "--simulation" not in sgx["containers"][0]["args"]
     assert cas_pod("--set", "tee.type=tdx")["runtimeClassName"] == "kata-qemu-tdx"
     assert cas_pod("--set", "tee.type=snp")["runtimeClassName"] == "kata-qemu-snp"
 
