@@ -77,6 +77,8 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_COMMIT_INTERVAL",
     "KEY_BYTES",
+    "Clock",
+    "SyncCallback",
     "Volume",
     "VolumeStat",
     "create",

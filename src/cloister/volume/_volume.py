@@ -31,7 +31,7 @@ import os
 import stat as stat_module
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
@@ -710,7 +710,7 @@ class Volume:
         self._seal_run(f, index, [plain])
 
     def _seal_run(
-        self, f: OpenFile, first: int, blocks: list[bytes | bytearray | memoryview]
+        self, f: OpenFile, first: int, blocks: Sequence[bytes | bytearray | memoryview]
     ) -> None:
         """Encrypt consecutive blocks that share a free slot, and write them with one pwrite."""
         rec = f.rec

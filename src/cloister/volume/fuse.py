@@ -78,7 +78,7 @@ def _name(raw: bytes) -> str:
     return name
 
 
-class _Operations(pyfuse3.Operations):  # type: ignore[misc]
+class _Operations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(self, volume: _volume.Volume) -> None:

@@ -304,7 +304,7 @@ def test_a_missing_manifest_is_detected(vol: tuple[Path, str]) -> None:
 
 
 def test_a_manifest_from_another_volume_is_refused(vol: tuple[Path, str], tmp_path: Path) -> None:
-    directory, tag = vol
+    directory, _ = vol
     other, _ = h.make_volume(tmp_path / "other")  # same key, another volume id
     shutil.copy(other / _format.MANIFEST_NAME, directory / _format.MANIFEST_NAME)
     with pytest.raises(errors.VolumeIntegrityError) as err:
