@@ -67,11 +67,14 @@ class CasClient:
             path = pin_path(url)
             if not path.exists():
                 raise errors.AccessDenied(
-                    f"no pinned identity for the CAS at {url}; run 'cloister cas attest {url}' first",
+                    f"no pinned identity for the CAS at {url}; "
+                    f"run 'cloister cas attest {url}' first",
                     reason="cas-not-pinned",
                 )
             cert_pem = path.read_bytes()
-        self._http = httpx.Client(base_url=self.url, verify=pinned_context(cert_pem), timeout=timeout)
+        self._http = httpx.Client(
+            base_url=self.url, verify=pinned_context(cert_pem), timeout=timeout
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -111,7 +114,9 @@ class CasClient:
         return self._call("GET", "/v1/cas/evidence", protocol.CasEvidence, params={"nonce": nonce})
 
     def create_session(self, signed: protocol.SignedSession) -> protocol.SessionAccepted:
-        return self._call("POST", "/v1/sessions", protocol.SessionAccepted, json=signed.model_dump())
+        return self._call(
+            "POST", "/v1/sessions", protocol.SessionAccepted, json=signed.model_dump()
+        )
 
     def update_session(self, name: str, signed: protocol.SignedSession) -> protocol.SessionAccepted:
         return self._call(
@@ -135,7 +140,9 @@ class CasClient:
         )
 
     def activate(self, req: protocol.ActivationRequest) -> protocol.ActivationResponse:
-        return self._call("POST", "/v1/activate", protocol.ActivationResponse, json=req.model_dump())
+        return self._call(
+            "POST", "/v1/activate", protocol.ActivationResponse, json=req.model_dump()
+        )
 
 
 def _error_from(resp: httpx.Response) -> errors.Error:

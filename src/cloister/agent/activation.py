@@ -116,7 +116,9 @@ def activate(
                 raise
             wait = exc.retry_after if isinstance(exc, errors.RateLimited) else delay
             wait *= 1 + random.random() / 2  # noqa: S311 - jitter, not a secret
-            log.warning("activation attempt %d failed (%s); retrying in %.1fs", attempt, exc.reason, wait)
+            log.warning(
+                "activation attempt %d failed (%s); retrying in %.1fs", attempt, exc.reason, wait
+            )
             sleep(wait)
             delay = min(delay * 2, 5.0)
     raise AssertionError("unreachable")

@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class EvidenceProvider(Protocol):
-    tee: Tee
+    @property
+    def tee(self) -> Tee: ...
 
     def evidence(self, report_data: bytes) -> bytes: ...
 

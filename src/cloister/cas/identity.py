@@ -96,4 +96,6 @@ class SimulatedSelf:
 
     def evidence(self, nonce: bytes, identity: Identity) -> bytes:
         log.warning("SIMULATION: the CAS produces simulated evidence of itself")
-        return self.platform.quote(self.measurement, binding.report_data_for(nonce, identity.spki_der))
+        return self.platform.quote(
+            self.measurement, binding.report_data_for(nonce, identity.spki_der)
+        )

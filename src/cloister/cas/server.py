@@ -60,7 +60,9 @@ def build(settings: Settings, *, now: datetime | None = None) -> Cas:
     url = settings.db_url or f"sqlite:///{settings.data_dir / 'cas.db'}"
     store = Store.open(url, keyring)
     identity = Identity.load_or_create(store, hostnames=settings.hostnames, now=now)
-    platform = simulated.SimulatedPlatform.load_or_create(settings.data_dir / "simulation-platform.key")
+    platform = simulated.SimulatedPlatform.load_or_create(
+        settings.data_dir / "simulation-platform.key"
+    )
     verifiers: dict[Tee, Verifier] = {Tee.SIMULATION: simulated.SimulatedVerifier()}
     verifiers.update(_hardware_verifiers())
     return Cas(
@@ -89,7 +91,8 @@ def tls_context(identity: Identity) -> ssl.SSLContext:
     """TLS 1.3 only, with the CAS's identity key. The key touches only a memory-backed file."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    # mkdtemp makes a private 0700 directory; /dev/shm keeps the key off the disk.
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
     with tempfile.TemporaryDirectory(dir=shm) as tmp:
         cert, key = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
         cert.write_bytes(identity.cert_pem())

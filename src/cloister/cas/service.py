@@ -33,7 +33,7 @@ from cloister.errors import (
     SessionError,
 )
 from cloister.session import Session, parse_public_key, signatures
-from cloister.session.template import Placeholder, find, render
+from cloister.session.template import Placeholder, render
 from cloister.store import Store
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,9 @@ class Cas:
         except ValueError as exc:
             raise AccessDenied(str(exc), reason="bad-key") from None
         if not _verify_read(key, req, name):
-            raise AccessDenied("the read request's signature does not verify", reason="bad-signature")
+            raise AccessDenied(
+                "the read request's signature does not verify", reason="bad-signature"
+            )
         session = Session.from_yaml(record.document)
         _authorize(session, record.creator, "read", [req.public_key])
         return protocol.SessionView(
@@ -179,26 +181,32 @@ class Cas:
         if record is None:
             raise NotFound(f"session {name!r} does not exist", reason="no-such-session")
         if Session.from_yaml(record.document).service(service) is None:
-            raise NotFound(
-                f"session {name!r} has no service {service!r}", reason="no-such-service"
-            )
+            raise NotFound(f"session {name!r} has no service {service!r}", reason="no-such-service")
         return protocol.ServiceExists(session=name, service=service, session_hash=record.hash)
 
     # --- activation ------------------------------------------------------------------------
 
-    def activate(self, req: protocol.ActivationRequest, now: datetime) -> protocol.ActivationResponse:
+    def activate(
+        self, req: protocol.ActivationRequest, now: datetime
+    ) -> protocol.ActivationResponse:
         try:
             response = self._activate(req, now)
         except Error as exc:
             self.events.refused(exc.reason)
             log.warning(
-                "activation of %s/%s refused: %s [%s]", req.session, req.service, exc.message, exc.reason
+                "activation of %s/%s refused: %s [%s]",
+                req.session,
+                req.service,
+                exc.message,
+                exc.reason,
             )
             raise
         self.events.activations["accepted"] = self.events.activations.get("accepted", 0) + 1
         return response
 
-    def _activate(self, req: protocol.ActivationRequest, now: datetime) -> protocol.ActivationResponse:
+    def _activate(
+        self, req: protocol.ActivationRequest, now: datetime
+    ) -> protocol.ActivationResponse:
         # (1) well-formed request, known wire version and TEE
         if req.binding_version != protocol.WIRE_VERSION:
             raise MalformedEvidenceError(
@@ -219,7 +227,9 @@ class Cas:
         try:
             csr_key = pki.csr_public_key(req.csr.encode())
         except Exception:  # noqa: BLE001 - any CSR parse failure is the same refusal
-            raise MalformedEvidenceError("the CSR cannot be read or its signature fails", reason="bad-csr") from None
+            raise MalformedEvidenceError(
+                "the CSR cannot be read or its signature fails", reason="bad-csr"
+            ) from None
         # (2) single-use, unexpired nonce
         self._consume_nonce(req.nonce, now)
         # (3) the session and service exist
@@ -248,7 +258,9 @@ class Cas:
         # (7) configuration, rendered and sealed to the workload's key
         bundle = self._bundle(session, record.hash, service.name, csr_key, now)
         sealed = HPKE_SUITE.encrypt(
-            bundle.model_dump_json().encode(), hpke_pub, info=protocol.bundle_info(bytes.fromhex(req.nonce))
+            bundle.model_dump_json().encode(),
+            hpke_pub,
+            info=protocol.bundle_info(bytes.fromhex(req.nonce)),
         )
         log.info("activated %s/%s (%s)", session.name, service.name, tee.value)
         return protocol.ActivationResponse(sealed_bundle=base64.b64encode(sealed).decode())
@@ -277,7 +289,9 @@ class Cas:
             content = fill(f.content).encode()
             mode = int(f.permission, 8) if f.permission else 0o600
             files.append(
-                protocol.BundleFile(path=f.path, content=base64.b64encode(content).decode(), mode=mode)
+                protocol.BundleFile(
+                    path=f.path, content=base64.b64encode(content).decode(), mode=mode
+                )
             )
         return protocol.Bundle(
             session=session.name,
@@ -296,7 +310,12 @@ class _Resolver:
     """Secret values for one activation: stored ones created once, workload certs issued now."""
 
     def __init__(
-        self, store: Store, session: Session, workload_key: pki.PublicKey, marker: str, now: datetime
+        self,
+        store: Store,
+        session: Session,
+        workload_key: pki.PublicKey,
+        marker: str,
+        now: datetime,
     ) -> None:
         self.store = store
         self.session = session
@@ -420,7 +439,9 @@ def _b64(text: str, what: str, limit: int) -> bytes:
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise MalformedEvidenceError(f"{what} is not valid base64", reason="malformed-request") from None
+        raise MalformedEvidenceError(
+            f"{what} is not valid base64", reason="malformed-request"
+        ) from None
     if len(raw) > limit:
         raise MalformedEvidenceError(f"{what} is larger than {limit} bytes", reason="too-large")
     return raw
@@ -447,4 +468,6 @@ def _hpke_public_key(raw: bytes) -> hpke.MLKEM768X25519PublicKey:
             x25519.X25519PublicKey.from_public_bytes(raw[_MLKEM768_PUBLIC_BYTES:]),
         )
     except ValueError:
-        raise MalformedEvidenceError("hpke_public_key is not a valid key", reason="bad-hpke-key") from None
+        raise MalformedEvidenceError(
+            "hpke_public_key is not a valid key", reason="bad-hpke-key"
+        ) from None

@@ -44,7 +44,11 @@ def serve(
     )
     if simulation:
         typer.secho(server.SIMULATION_BANNER, fg="yellow", err=True)
-    typer.echo(f"CAS listening on https://{host}:{port} (identity {fingerprint(cas.identity.cert_pem())[:16]})", err=True)
+    typer.echo(
+        f"CAS listening on https://{host}:{port} "
+        f"(identity {fingerprint(cas.identity.cert_pem())[:16]})",
+        err=True,
+    )
     server.make_server(cas, host, port).run()
 
 
@@ -55,7 +59,9 @@ def attest(
     allow_simulation: bool = typer.Option(
         False, "--allow-simulation", help="accept a CAS that runs in simulation mode"
     ),
-    measurement: str | None = typer.Option(None, "--measurement", help="expected CAS measurement (hex)"),
+    measurement: str | None = typer.Option(
+        None, "--measurement", help="expected CAS measurement (hex)"
+    ),
 ) -> None:
     """Verify the CAS's evidence and pin its identity for later commands."""
     parts = urlsplit(url)
@@ -72,16 +78,22 @@ def attest(
     identity = x509.load_pem_x509_certificate(ev.identity_certificate.encode())
     # (2) the endpoint's TLS certificate is the identity the evidence speaks of
     if identity != x509.load_pem_x509_certificate(presented):
-        raise AccessDenied("the TLS certificate is not the CAS's identity", reason="identity-mismatch")
+        raise AccessDenied(
+            "the TLS certificate is not the CAS's identity", reason="identity-mismatch"
+        )
     # (3) genuine evidence, bound to our nonce and that identity key
     if Tee(ev.tee) is not Tee.SIMULATION:
-        raise AccessDenied(f"verifying a {ev.tee} CAS is not supported by this client", reason="unsupported-tee")
+        raise AccessDenied(
+            f"verifying a {ev.tee} CAS is not supported by this client", reason="unsupported-tee"
+        )
     if not allow_simulation:
         raise AppraisalError(
             "the CAS runs in simulation mode; pass --allow-simulation to trust it for development",
             reason="simulation-not-tolerated",
         )
-    claims = simulated.SimulatedVerifier().verify(base64.b64decode(ev.evidence), now=datetime.now(UTC))
+    claims = simulated.SimulatedVerifier().verify(
+        base64.b64decode(ev.evidence), now=datetime.now(UTC)
+    )
     spki = identity.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -89,7 +101,9 @@ def attest(
     # (4) the expected measurement, when the owner gave one
     got = str(claims.values["measurement"])
     if measurement is not None and not hmac.compare_digest(got, measurement.lower()):
-        raise AppraisalError(f"the CAS's measurement is {got}, not {measurement}", reason="measurement-mismatch")
+        raise AppraisalError(
+            f"the CAS's measurement is {got}, not {measurement}", reason="measurement-mismatch"
+        )
     path = pin_path(url)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.write_bytes(presented)

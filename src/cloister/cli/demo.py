@@ -153,8 +153,10 @@ def demo(
             expand=False,
         )
     )
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    with tempfile.TemporaryDirectory(prefix="cloister-demo-", dir=str(workdir) if workdir else shm) as tmp:
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108 - private mkdtemp
+    with tempfile.TemporaryDirectory(
+        prefix="cloister-demo-", dir=str(workdir) if workdir else shm
+    ) as tmp:
         _run(Path(tmp))
 
 
@@ -198,7 +200,17 @@ def _run(root: Path) -> None:
         steps.cloister("session", "check", str(session_file))
         steps.cloister("session", "create", str(session_file), "--cas", url)
         steps.say("Start the server under the agent: attest, receive certificate, password, config")
-        agent = [sys.executable, "-m", "cloister", "run", "--cas", url, "--session", "demo", "--simulation"]
+        agent = [
+            sys.executable,
+            "-m",
+            "cloister",
+            "run",
+            "--cas",
+            url,
+            "--session",
+            "demo",
+            "--simulation",
+        ]
         server = subprocess.Popen(
             [*agent, "--service", "server", "--measure", str(PROGRAMS / "server.py")], env=env
         )
@@ -213,10 +225,15 @@ def _run(root: Path) -> None:
         ok = client.returncode == 0 and server.returncode == 0
         steps.say("Result")
         if ok:
-            console.print("   [green]The call succeeded: both services were attested, received their "
-                          "secrets in memory, and authenticated each other with session certificates.[/]")
+            console.print(
+                "   [green]The call succeeded: both services were attested, received their "
+                "secrets in memory, and authenticated each other with session certificates.[/]"
+            )
         else:
-            console.print(f"   [red]The call failed (client {client.returncode}, server {server.returncode}).[/]")
+            console.print(
+                f"   [red]The call failed (client {client.returncode}, "
+                f"server {server.returncode}).[/]"
+            )
             raise typer.Exit(1)
     finally:
         for p in procs:

@@ -11,7 +11,7 @@ from cloister.cli import attest, audit, mesh, sconify, volume
 
 app = typer.Typer(
     name="cloister",
-    help="Cloister: attestation, sessions, secrets and encrypted volumes for confidential workloads.",
+    help="Cloister: attestation, sessions, secrets and encrypted volumes for confidential work.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -49,4 +49,6 @@ def main() -> None:
         level=os.environ.get("CLOISTER_LOG_LEVEL", "WARNING").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Request lines would drown the one line an operator needs; they are the CAS's to log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app()

@@ -10,7 +10,9 @@ from cloister.attestation import simulated
 from cloister.cli._errors import usage_error
 
 
-def measure(paths: list[Path] = typer.Argument(..., help="the files that make up the program")) -> None:
+def measure(
+    paths: list[Path] = typer.Argument(..., help="the files that make up the program"),
+) -> None:
     """Print the measurement (lowercase hex) of a program: a digest over the named files."""
     try:
         print(simulated.measure_files(paths).hex())

@@ -42,7 +42,9 @@ def _provider(simulation: bool, measure: list[Path], cmd: list[str]) -> Evidence
 
         provider = evidence_hw.detect()
         if provider is None:
-            raise usage_error("no TEE found; pass --simulation to run without one (protects nothing)")
+            raise usage_error(
+                "no TEE found; pass --simulation to run without one (protects nothing)"
+            )
         return provider
     files = measure
     if not files:
@@ -56,8 +58,14 @@ def _provider(simulation: bool, measure: list[Path], cmd: list[str]) -> Evidence
         measurement = simulated.measure_files(files)
     except OSError as exc:
         raise usage_error(f"cannot read {exc.filename} to measure it") from None
-    typer.secho("WARNING: simulation mode: this workload's attestation protects nothing", fg="yellow", err=True)
-    platform = simulated.SimulatedPlatform.load_or_create(cloister_home() / "simulation-platform.key")
+    typer.secho(
+        "WARNING: simulation mode: this workload's attestation protects nothing",
+        fg="yellow",
+        err=True,
+    )
+    platform = simulated.SimulatedPlatform.load_or_create(
+        cloister_home() / "simulation-platform.key"
+    )
     return SimulatedProvider(platform, measurement)
 
 
@@ -68,11 +76,18 @@ def run(
     session: str | None = typer.Option(None, "--session", help="session name"),
     service: str | None = typer.Option(None, "--service", help="service name in the session"),
     simulation: bool = typer.Option(False, "--simulation", help="simulated TEE (protects nothing)"),
-    measure: list[Path] = typer.Option([], "--measure", help="files whose digest is the measurement"),
-    cas_cert: Path | None = typer.Option(
-        None, "--cas-cert", envvar="CLOISTER_CAS_CERT", help="pinned CAS certificate (default: from 'cas attest')"
+    measure: list[Path] = typer.Option(
+        [], "--measure", help="files whose digest is the measurement"
     ),
-    files_root: Path = typer.Option(Path("/"), "--files-root", help="prefix for injected file paths"),
+    cas_cert: Path | None = typer.Option(
+        None,
+        "--cas-cert",
+        envvar="CLOISTER_CAS_CERT",
+        help="pinned CAS certificate (default: from 'cas attest')",
+    ),
+    files_root: Path = typer.Option(
+        Path("/"), "--files-root", help="prefix for injected file paths"
+    ),
 ) -> None:
     """Attest this workload, receive its configuration and exec the program (CMD after --)."""
     cmd = list(ctx.args)

@@ -26,7 +26,9 @@ def _load(file: Path) -> tuple[str, Session]:
     return text, Session.from_yaml(text)
 
 
-def _signed(text: str, session: Session, operation: str, key: Path | None) -> protocol.SignedSession:
+def _signed(
+    text: str, session: Session, operation: str, key: Path | None
+) -> protocol.SignedSession:
     owner = _owner.load(key)
     sig = signatures.sign(owner, operation, session.hash)
     return protocol.SignedSession(
@@ -74,8 +76,8 @@ def update(file: Path, cas: str = typer.Option(..., "--cas"), key: Path | None =
 @handle_errors
 def show(name: str, cas: str = typer.Option(..., "--cas"), key: Path | None = KeyOpt) -> None:
     """Print the current version of a session (needs a key allowed to read it)."""
-    owner = _owner.load(key)
     with CasClient(cas) as client:
+        owner = _owner.load(key)
         nonce = client.nonce().nonce
         sig = base64.b64encode(owner.sign(protocol.read_payload(name, nonce))).decode()
         view = client.read_session(

@@ -106,7 +106,11 @@ def compile_alternative(alt: Attestation) -> AllOf:
         rules.append(AtLeast("isvsvn", alt.isvsvn))
     for key, want in (alt.policy or {}).items():
         # SNP guest policy bits, as the verifier names them (e.g. ``policy_smt: false``).
-        rules.append(Equals(f"policy_{key}", want) if isinstance(want, bool) else AtLeast(f"policy_{key}", want))
+        rules.append(
+            Equals(f"policy_{key}", want)
+            if isinstance(want, bool)
+            else AtLeast(f"policy_{key}", want)
+        )
     for key, floor in (alt.min_tcb or {}).items():
         rules.append(AtLeast(f"reported_tcb_{key}", floor))
     # Only the TEE kind is not a constraint: the session loader guarantees a measurement rule.

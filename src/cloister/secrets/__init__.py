@@ -42,7 +42,9 @@ class SecretValue:
     chain: tuple[bytes, ...] = field(default_factory=tuple)
 
     def to_bytes(self) -> bytes:
-        b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+        def b64(b: bytes) -> str:
+            return base64.b64encode(b).decode()
+
         return json.dumps(
             {
                 "kind": self.kind,
@@ -76,7 +78,9 @@ class SecretValue:
         if not raw:
             raise ValueError(f"this {self.kind} secret holds no private key")
         key = serialization.load_der_private_key(raw, password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+        if not isinstance(
+            key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+        ):
             raise ValueError("unsupported private key type")
         return key
 
@@ -139,12 +143,14 @@ def generate(
                 valid_for=validity(secret, DEFAULT_CA_VALIDITY),
                 key=ca_key,
             )
-            return SecretValue("x509-ca", cert=cert.public_bytes(serialization.Encoding.DER), key=_der(key))
+            return SecretValue(
+                "x509-ca", cert=cert.public_bytes(serialization.Encoding.DER), key=_der(key)
+            )
         case "x509":
             if issuer is None:
                 raise ValueError("an x509 secret needs its issuer's value")
             key = private_key.private_key() if private_key else pki.new_key()
-            cert = issue_for(secret, issuer, key.public_key(), now=now)  # type: ignore[arg-type]
+            cert = issue_for(secret, issuer, key.public_key(), now=now)
             return SecretValue(
                 "x509",
                 cert=cert.public_bytes(serialization.Encoding.DER),

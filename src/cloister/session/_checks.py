@@ -7,7 +7,7 @@ offending part, so that ``cloister session check`` tells the owner exactly what 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from cloister.errors import SessionError
 from cloister.session import _keys, template
@@ -65,7 +65,7 @@ def placeholders_resolve(doc: SessionDocument) -> None:
             _find_all(f.content, kinds, f"image {image.name!r} file {f.path}")
 
 
-def _find_all(text: str, kinds: dict[str, str], where: str) -> None:
+def _find_all(text: str, kinds: Mapping[str, str], where: str) -> None:
     try:
         list(template.find(text, kinds))
     except SessionError as exc:

@@ -371,7 +371,16 @@ class SessionDocument(Model):
     @classmethod
     def _supported(cls, v: str) -> str:
         if v != "0.3":
-            raise ValueError(f"session language version {v!r} is not supported (use \"0.3\")")
+            raise ValueError(f'session language version {v!r} is not supported (use "0.3")')
+        return v
+
+    @field_validator("predecessor", mode="before")
+    @classmethod
+    def _quoted(cls, v: Any) -> Any:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            raise ValueError(
+                "write the predecessor hash as a quoted string: YAML read it as a number"
+            )
         return v
 
     @field_validator("predecessor")

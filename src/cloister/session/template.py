@@ -7,7 +7,7 @@ Grammar: ``$$SCONE::<secret>$$`` or ``$$SCONE::<secret>:<format>$$``. The legacy
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from cloister.errors import SessionError
@@ -31,7 +31,7 @@ class Placeholder:
     format: str
 
 
-def find(text: str, kinds: dict[str, str]) -> Iterator[Placeholder]:
+def find(text: str, kinds: Mapping[str, str]) -> Iterator[Placeholder]:
     """Every placeholder in ``text``, resolved against ``kinds`` (secret name → kind).
 
     Raises ``SessionError`` naming the placeholder when the secret does not exist or cannot
@@ -41,7 +41,7 @@ def find(text: str, kinds: dict[str, str]) -> Iterator[Placeholder]:
         yield _resolve(m.group(1), m.group(2), kinds, m.group(0))
 
 
-def _resolve(name: str, fmt: str | None, kinds: dict[str, str], raw: str) -> Placeholder:
+def _resolve(name: str, fmt: str | None, kinds: Mapping[str, str], raw: str) -> Placeholder:
     if name not in kinds and fmt is None:
         base, _, suffix = name.rpartition(".")
         if base in kinds and suffix in _LEGACY_SUFFIXES:
@@ -58,7 +58,7 @@ def _resolve(name: str, fmt: str | None, kinds: dict[str, str], raw: str) -> Pla
     return Placeholder(name, fmt)
 
 
-def render(text: str, kinds: dict[str, str], value: Callable[[Placeholder], str]) -> str:
+def render(text: str, kinds: Mapping[str, str], value: Callable[[Placeholder], str]) -> str:
     """``text`` with every placeholder replaced by ``value(placeholder)``."""
 
     def sub(m: re.Match[str]) -> str:

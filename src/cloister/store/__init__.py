@@ -151,7 +151,9 @@ class Store:
             return existing
         try:
             with self._tx() as c:
-                c.execute(sa.insert(meta_t).values(k=k, v=self._keys.seal(make(), f"meta/{k}".encode())))
+                c.execute(
+                    sa.insert(meta_t).values(k=k, v=self._keys.seal(make(), f"meta/{k}".encode()))
+                )
         except IntegrityError:
             pass  # another process created it first; theirs is the value
         value = self.get_meta(k)
@@ -177,7 +179,9 @@ class Store:
                     )
                 )
         except IntegrityError:
-            raise ConflictError(f"session {name!r} exists already", reason="session-exists") from None
+            raise ConflictError(
+                f"session {name!r} exists already", reason="session-exists"
+            ) from None
 
     def update_session(self, name: str, predecessor: str, hash_: str, document: bytes) -> int:
         """Append a version; exactly one of several racing updates of one predecessor wins."""
@@ -304,6 +308,8 @@ class Store:
         with self._tx() as c:
             return int(
                 c.execute(
-                    sa.select(sa.func.count()).select_from(nonces_t).where(nonces_t.c.expires_at > now)
+                    sa.select(sa.func.count())
+                    .select_from(nonces_t)
+                    .where(nonces_t.c.expires_at > now)
                 ).scalar_one()
             )

@@ -10,7 +10,9 @@ import ssl
 import sys
 
 conf = dict(
-    line.split("=", 1) for line in open(os.environ["DEMO_CONFIG"]).read().splitlines() if "=" in line
+    line.split("=", 1)
+    for line in open(os.environ["DEMO_CONFIG"]).read().splitlines()
+    if "=" in line
 )
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.minimum_version = ssl.TLSVersion.TLSv1_3
