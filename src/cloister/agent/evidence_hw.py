@@ -112,7 +112,9 @@ class GramineProvider:
             raise _unavailable("Gramine did not produce a quote", exc) from exc
         # Gramine binds what was last written; a stale quote would bind other data.
         if _dcap_report_data(quote) != report_data:
-            raise BindingError("the quote does not carry the requested report data", reason="binding-mismatch")
+            raise BindingError(
+                "the quote does not carry the requested report data", reason="binding-mismatch"
+            )
         return quote
 
 
@@ -122,7 +124,9 @@ class TsmProvider:
     ``privlevel`` is the SNP VMPL to request (``None`` leaves the kernel default).
     """
 
-    def __init__(self, root: Path = TSM_REPORT_ROOT, *, tee: Tee | None = None, privlevel: int | None = None) -> None:
+    def __init__(
+        self, root: Path = TSM_REPORT_ROOT, *, tee: Tee | None = None, privlevel: int | None = None
+    ) -> None:
         self.root = Path(root)
         self.privlevel = privlevel
         self.tee: Tee = tee if tee is not None else self._probe()
@@ -182,7 +186,9 @@ class TsmProvider:
         try:
             provider = self._read_attr(entry, "provider").decode("ascii", "replace").strip()
             if _TSM_PROVIDERS.get(provider) is not self.tee:
-                raise _unavailable(f"configfs-tsm provider is {provider!r}, expected {self.tee.value}")
+                raise _unavailable(
+                    f"configfs-tsm provider is {provider!r}, expected {self.tee.value}"
+                )
             if self.privlevel is not None and self.tee is Tee.SNP:
                 self._write_attr(entry, "privlevel", str(self.privlevel).encode())
             start = self._generation(entry)
@@ -216,22 +222,33 @@ class TsmProvider:
                 raise _unavailable("configfs-tsm returned a short SNP report")
             report = out[:_SNP_REPORT_SIZE]
             if report[_SNP_REPORT_DATA] != report_data:
-                raise BindingError("the report does not carry the requested report data", reason="binding-mismatch")
+                raise BindingError(
+                    "the report does not carry the requested report data", reason="binding-mismatch"
+                )
             return report + aux if aux.strip(b"\0") else report
         if _dcap_report_data(out) != report_data:
-            raise BindingError("the quote does not carry the requested report data", reason="binding-mismatch")
+            raise BindingError(
+                "the quote does not carry the requested report data", reason="binding-mismatch"
+            )
         return out
 
 
 def detect(
-    *, gramine_root: Path = GRAMINE_ROOT, tsm_root: Path = TSM_REPORT_ROOT
+    *,
+    gramine_root: Path = GRAMINE_ROOT,
+    tsm_root: Path = TSM_REPORT_ROOT,
+    tsm_provider: type[TsmProvider] = TsmProvider,
 ) -> GramineProvider | TsmProvider | None:
-    """The evidence provider of the TEE this process runs in, or ``None`` outside any TEE."""
+    """The evidence provider of the TEE this process runs in, or ``None`` outside any TEE.
+
+    Gramine first (an SGX enclave may run on a host that also has configfs-tsm), then
+    configfs-tsm, whose ``provider`` attribute says TDX or SNP.
+    """
     if GramineProvider.available(gramine_root):
         return GramineProvider(gramine_root)
     if Path(tsm_root).is_dir():
         try:
-            return TsmProvider(tsm_root)
+            return tsm_provider(tsm_root)
         except BackendUnavailable as exc:
             log.info("configfs-tsm present but unusable: %s", exc.message)
     return None

@@ -19,6 +19,7 @@ Does not own: which steps a TEE runs in which order (``sgx.py``, ``tdx.py``), no
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import struct
 from collections.abc import Mapping, Sequence
@@ -132,7 +133,8 @@ def parse_quote(data: bytes, *, tee: Tee) -> Quote:
     data = bytes(data)
     if len(data) > limits.MAX_EVIDENCE_BYTES:
         raise MalformedEvidenceError(
-            f"quote exceeds MAX_EVIDENCE_BYTES ({limits.MAX_EVIDENCE_BYTES})", reason="malformed-quote"
+            f"quote exceeds MAX_EVIDENCE_BYTES ({limits.MAX_EVIDENCE_BYTES})",
+            reason="malformed-quote",
         )
     r = _Reader(data)
     header = r.take(HEADER_SIZE, "the header")
@@ -209,7 +211,8 @@ def _check_version(version: int, tee_type: int, tee: Tee) -> None:
         ok = tee_type == TEE_TDX and version in (4, 5)
     if not ok:
         raise MalformedEvidenceError(
-            f"quote version {version} with TEE type {tee_type:#x} is not a supported {tee.value} quote",
+            f"quote version {version} with TEE type {tee_type:#x} is not a supported "
+            f"{tee.value} quote",
             reason="unsupported-quote-version",
         )
 
@@ -258,7 +261,7 @@ class SgxReport:
 
 @dataclass(frozen=True)
 class TdReport:
-    """A TD quote body: TD 1.0 (584 bytes) or TD 1.5 (648 bytes, adds TEE_TCB_SVN2, MR_SERVICETD)."""
+    """A TD quote body: TD 1.0 (584 bytes), or TD 1.5 (648 bytes: + TEE_TCB_SVN2, MR_SERVICETD)."""
 
     tee_tcb_svn: bytes
     mr_seam: bytes
@@ -361,7 +364,7 @@ def pck_chain_error(message: str) -> SignatureError:
 
 
 def verify_root(root: x509.Certificate, pins: frozenset[str]) -> None:
-    """The root is self-signed with a pinned key. Several issuances share one key, so pin the key."""
+    """The root is self-signed with a pinned key (several issuances share one key: pin the key)."""
     if _x509.spki_sha256(root) not in pins:
         raise pck_chain_error("the chain does not end in a pinned Intel SGX Root CA key")
     if not _x509.issued_by(root, root):
@@ -672,18 +675,26 @@ def parse_qe_identity(body: bytes, chain: tuple[x509.Certificate, ...]) -> QeIde
     )
 
 
-def verify_signing_chain(pem: bytes | None, pins: frozenset[str], *, reason: str) -> tuple[x509.Certificate, ...]:
+def verify_signing_chain(
+    pem: bytes | None, pins: frozenset[str], *, reason: str
+) -> tuple[x509.Certificate, ...]:
     """A collateral issuer chain (TCB Signing → Root): ordered, signed, root key pinned."""
     if pem is None:
-        raise CollateralError("the collateral's issuer chain is missing", reason="collateral-missing")
+        raise CollateralError(
+            "the collateral's issuer chain is missing", reason="collateral-missing"
+        )
     try:
         certs = _x509.order_chain(_x509.load_pem_certs(pem))
     except ValueError as exc:
-        raise SignatureError(f"the collateral issuer chain is unusable: {exc}", reason=reason) from None
+        raise SignatureError(
+            f"the collateral issuer chain is unusable: {exc}", reason=reason
+        ) from None
     root = certs[-1]
     if _x509.spki_sha256(root) not in pins or not _x509.issued_by(root, root):
-        raise SignatureError("the collateral issuer chain does not end in the pinned root", reason=reason)
-    for child, parent in zip(certs, certs[1:], strict=False):
+        raise SignatureError(
+            "the collateral issuer chain does not end in the pinned root", reason=reason
+        )
+    for child, parent in itertools.pairwise(certs):
         if not _x509.issued_by(child, parent):
             raise SignatureError("a collateral issuer certificate's signature fails", reason=reason)
     return tuple(certs)
@@ -712,9 +723,13 @@ def load_crl(der: bytes | None, issuer: x509.Certificate, *, what: str) -> Crl:
     try:
         crl = _x509.load_der_crl(der)
     except ValueError:
-        raise CollateralError(f"the {what} cannot be parsed", reason="malformed-collateral") from None
+        raise CollateralError(
+            f"the {what} cannot be parsed", reason="malformed-collateral"
+        ) from None
     if crl.issuer != issuer.subject:
-        raise CollateralError(f"the {what} is not issued by {issuer.subject.rfc4514_string()}", reason="crl-issuer")
+        raise CollateralError(
+            f"the {what} is not issued by {issuer.subject.rfc4514_string()}", reason="crl-issuer"
+        )
     if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
         raise SignatureError(f"the {what} signature does not verify", reason="crl-signature")
     next_update = crl.next_update_utc
@@ -726,7 +741,9 @@ def load_crl(der: bytes | None, issuer: x509.Certificate, *, what: str) -> Crl:
 # --- windows ----------------------------------------------------------------------------------
 
 
-def collateral_window(item: str, not_before: datetime, not_after: datetime, now: datetime) -> Window:
+def collateral_window(
+    item: str, not_before: datetime, not_after: datetime, now: datetime
+) -> Window:
     """TCB Info and identities are valid on ``[issueDate, nextUpdate)``."""
     del item
     return _x509.within(now, not_before, not_after, inclusive_end=False)
@@ -750,7 +767,9 @@ def check_collateral_windows(tcb: TcbInfo, qe: QeIdentity, now: datetime) -> Non
             reason=f"collateral-{failures[0][1].value}",
         )
     name, window = failures[0]
-    raise CollateralError(f"the {name} is {window.value} at {now.isoformat()}", reason=f"{name}-{window.value}")
+    raise CollateralError(
+        f"the {name} is {window.value} at {now.isoformat()}", reason=f"{name}-{window.value}"
+    )
 
 
 def check_signing_chain_windows(chain: tuple[x509.Certificate, ...], now: datetime) -> None:
@@ -768,9 +787,14 @@ def check_crl(crl: Crl, now: datetime, *, name: str, serial: int) -> None:
     """RFC 5280 §6.3.3: the CRL is current (``[thisUpdate, nextUpdate]``) and ``serial`` absent."""
     window = _x509.within(now, crl.this_update, crl.next_update, inclusive_end=True)
     if window is not Window.VALID:
-        raise CollateralError(f"the {name} CRL is {window.value} at {now.isoformat()}", reason=f"{name}-crl-{window.value}")
+        raise CollateralError(
+            f"the {name} CRL is {window.value} at {now.isoformat()}",
+            reason=f"{name}-crl-{window.value}",
+        )
     if serial in crl.revoked:
-        raise CollateralError(f"certificate {serial:#x} is revoked by the {name} CRL", reason=f"{name}-revoked")
+        raise CollateralError(
+            f"certificate {serial:#x} is revoked by the {name} CRL", reason=f"{name}-revoked"
+        )
 
 
 # --- TCB matching -----------------------------------------------------------------------------
@@ -797,12 +821,14 @@ def match_qe_identity(qe: SgxReport, identity: QeIdentity) -> tuple[str, tuple[s
         bytes(a & m for a, m in zip(qe.attributes, identity.attributes_mask, strict=True)), "big"
     )
     expected_attrs = int.from_bytes(
-        bytes(a & m for a, m in zip(identity.attributes, identity.attributes_mask, strict=True)), "big"
+        bytes(a & m for a, m in zip(identity.attributes, identity.attributes_mask, strict=True)),
+        "big",
     )
     if (
         qe.mr_signer != identity.mrsigner
         or qe.isv_prod_id != identity.isvprodid
-        or qe.misc_select & identity.miscselect_mask != identity.miscselect & identity.miscselect_mask
+        or qe.misc_select & identity.miscselect_mask
+        != identity.miscselect & identity.miscselect_mask
         or masked != expected_attrs
     ):
         raise CollateralError(
@@ -815,9 +841,7 @@ def match_qe_identity(qe: SgxReport, identity: QeIdentity) -> tuple[str, tuple[s
     return REVOKED, ()
 
 
-def match_platform_level(
-    tcb: TcbInfo, ext: PckExtension, tee_tcb_svn: bytes | None
-) -> TcbLevel:
+def match_platform_level(tcb: TcbInfo, ext: PckExtension, tee_tcb_svn: bytes | None) -> TcbLevel:
     """The first TCB level (Intel orders them newest first) that the platform meets."""
     for level in tcb.levels:
         if ext.pce_svn < level.pce_svn:
@@ -830,9 +854,7 @@ def match_platform_level(
             # TDX 1.5+: with a TDX module major version (byte 1) above 0, bytes 0 and 1 are the
             # module's SVN and version and are matched by its module identity instead.
             start = 2 if tee_tcb_svn[1] > 0 else 0
-            if any(
-                tee_tcb_svn[i] < level.tdx_components[i] for i in range(start, 16)
-            ):
+            if any(tee_tcb_svn[i] < level.tdx_components[i] for i in range(start, 16)):
                 continue
         return level
     raise CollateralError(
@@ -862,7 +884,9 @@ def match_tdx_module(tcb: TcbInfo, report: TdReport) -> tuple[str | None, tuple[
         if report.mr_signer_seam != module.mrsigner or not _masked_equal(
             report.seam_attributes, module.attributes, module.attributes_mask
         ):
-            raise CollateralError("the TDX module is not the one TCB Info names", reason="tdx-module-mismatch")
+            raise CollateralError(
+                "the TDX module is not the one TCB Info names", reason="tdx-module-mismatch"
+            )
         return None, ()
     wanted = f"TDX_{major:02X}"
     for identity in tcb.tdx_module_identities:
@@ -871,7 +895,9 @@ def match_tdx_module(tcb: TcbInfo, report: TdReport) -> tuple[str | None, tuple[
         if report.mr_signer_seam != identity.mrsigner or not _masked_equal(
             report.seam_attributes, identity.attributes, identity.attributes_mask
         ):
-            raise CollateralError(f"the TDX module does not match {wanted}", reason="tdx-module-mismatch")
+            raise CollateralError(
+                f"the TDX module does not match {wanted}", reason="tdx-module-mismatch"
+            )
         for isvsvn, status, advisories in identity.levels:
             if isvsvn <= report.tee_tcb_svn[0]:
                 return status, advisories
@@ -879,7 +905,9 @@ def match_tdx_module(tcb: TcbInfo, report: TdReport) -> tuple[str | None, tuple[
             f"no TCB level of {wanted} matches TDX module SVN {report.tee_tcb_svn[0]}",
             reason="no-matching-tcb-level",
         )
-    raise CollateralError(f"TCB Info has no TDX module identity {wanted}", reason="tdx-module-mismatch")
+    raise CollateralError(
+        f"TCB Info has no TDX module identity {wanted}", reason="tdx-module-mismatch"
+    )
 
 
 def converge(platform: str, other: str | None) -> str:
@@ -928,7 +956,9 @@ class DcapSteps:
     ``sgx.py`` and ``tdx.py`` call these in the order their docstrings number.
     """
 
-    def __init__(self, source: CollateralSource, cache: CollateralCache, pins: frozenset[str]) -> None:
+    def __init__(
+        self, source: CollateralSource, cache: CollateralCache, pins: frozenset[str]
+    ) -> None:
         self.source = source
         self.cache = cache
         self.pins = pins
@@ -960,7 +990,9 @@ class DcapSteps:
     def tcb_info(self, col: DcapCollateral, tee: Tee, chain: PckChain) -> TcbInfo:
         body, sig, pem = col.tcb_info_body, col.tcb_info_signature, col.tcb_info_issuer_chain
         if body is None or sig is None or pem is None:
-            raise CollateralError("no TCB Info is available for this platform", reason="collateral-missing")
+            raise CollateralError(
+                "no TCB Info is available for this platform", reason="collateral-missing"
+            )
 
         def build() -> TcbInfo:
             signers = verify_signing_chain(pem, self.pins, reason="tcb-info-signature")
@@ -968,12 +1000,16 @@ class DcapSteps:
             try:
                 return parse_tcb_info(body, signers)
             except (ValueError, KeyError, TypeError) as exc:
-                raise CollateralError(f"TCB Info is malformed: {exc}", reason="malformed-collateral") from None
+                raise CollateralError(
+                    f"TCB Info is malformed: {exc}", reason="malformed-collateral"
+                ) from None
 
         info = self.cache.memo("tcb-info", pem + b"\0" + sig + body, build)
         expected_id = "TDX" if tee is Tee.TDX else "SGX"
         if info.id != expected_id or (tee is Tee.TDX and info.version < 3):
-            raise CollateralError(f"TCB Info is for {info.id}, not {expected_id}", reason="tcb-info-type-mismatch")
+            raise CollateralError(
+                f"TCB Info is for {info.id}, not {expected_id}", reason="tcb-info-type-mismatch"
+            )
         # PCS API v4: TCB Info is per FMSPC (and PCE ID); it must be the platform's.
         if info.fmspc != chain.extension.fmspc:
             raise CollateralError(
@@ -982,11 +1018,17 @@ class DcapSteps:
                 reason="tcb-info-fmspc-mismatch",
             )
         if info.pce_id != chain.extension.pce_id:
-            raise CollateralError("TCB Info is for another PCE ID", reason="tcb-info-pceid-mismatch")
+            raise CollateralError(
+                "TCB Info is for another PCE ID", reason="tcb-info-pceid-mismatch"
+            )
         return info
 
     def qe_identity(self, col: DcapCollateral, tee: Tee) -> QeIdentity:
-        body, sig, pem = col.qe_identity_body, col.qe_identity_signature, col.qe_identity_issuer_chain
+        body, sig, pem = (
+            col.qe_identity_body,
+            col.qe_identity_signature,
+            col.qe_identity_issuer_chain,
+        )
         if body is None or sig is None or pem is None:
             raise CollateralError("no QE Identity is available", reason="collateral-missing")
 
@@ -996,12 +1038,17 @@ class DcapSteps:
             try:
                 return parse_qe_identity(body, signers)
             except (ValueError, KeyError, TypeError) as exc:
-                raise CollateralError(f"QE Identity is malformed: {exc}", reason="malformed-collateral") from None
+                raise CollateralError(
+                    f"QE Identity is malformed: {exc}", reason="malformed-collateral"
+                ) from None
 
         identity = self.cache.memo("qe-identity", pem + b"\0" + sig + body, build)
         expected = "TD_QE" if tee is Tee.TDX else "QE"
         if identity.id != expected:
-            raise CollateralError(f"QE Identity is for {identity.id}, not {expected}", reason="qe-identity-type-mismatch")
+            raise CollateralError(
+                f"QE Identity is for {identity.id}, not {expected}",
+                reason="qe-identity-type-mismatch",
+            )
         return identity
 
     def windows(self, tcb: TcbInfo, qe: QeIdentity, now: datetime) -> None:
@@ -1009,24 +1056,32 @@ class DcapSteps:
         check_signing_chain_windows(tcb.signing_chain, now)
         check_signing_chain_windows(qe.signing_chain, now)
 
-    def crls(self, col: DcapCollateral, chain: PckChain, tcb: TcbInfo, now: datetime) -> tuple[Crl, Crl]:
-        """Root CA CRL (signed by the root) and PCK CRL (signed by the PCK CA): current, not revoking."""
+    def crls(
+        self, col: DcapCollateral, chain: PckChain, tcb: TcbInfo, now: datetime
+    ) -> tuple[Crl, Crl]:
+        """Root CA CRL (signed by the root) and PCK CRL (by the PCK CA): current, not revoking."""
         root_der, pck_der = col.root_ca_crl, col.pck_crl
         if root_der is None or pck_der is None:
-            raise CollateralError("the CRLs for this platform are missing", reason="collateral-missing")
+            raise CollateralError(
+                "the CRLs for this platform are missing", reason="collateral-missing"
+            )
         root = self.cache.memo(
-            "root-crl", chain.root.fingerprint(hashes.SHA256()) + root_der,
+            "root-crl",
+            chain.root.fingerprint(hashes.SHA256()) + root_der,
             lambda: load_crl(root_der, chain.root, what="Intel SGX Root CA CRL"),
         )
         pck = self.cache.memo(
-            "pck-crl", chain.ca.fingerprint(hashes.SHA256()) + pck_der,
+            "pck-crl",
+            chain.ca.fingerprint(hashes.SHA256()) + pck_der,
             lambda: load_crl(pck_der, chain.ca, what="PCK CRL"),
         )
         check_crl(pck, now, name="pck", serial=chain.leaf.serial_number)
         check_crl(root, now, name="root", serial=chain.ca.serial_number)
         for cert in tcb.signing_chain[:-1]:
             if cert.serial_number in root.revoked:
-                raise CollateralError("the TCB signing certificate is revoked", reason="tcb-signing-revoked")
+                raise CollateralError(
+                    "the TCB signing certificate is revoked", reason="tcb-signing-revoked"
+                )
         return root, pck
 
     def remember(
@@ -1042,7 +1097,9 @@ class DcapSteps:
         end = min(tcb.next_update, qe.next_update, crls[0].next_update, crls[1].next_update)
         self.cache.put(("dcap", self.source, request), col, start, end)
 
-    def collateral(self, tee: Tee, chain: PckChain, now: datetime) -> tuple[DcapRequest, DcapCollateral, bool]:
+    def collateral(
+        self, tee: Tee, chain: PckChain, now: datetime
+    ) -> tuple[DcapRequest, DcapCollateral, bool]:
         """Collateral from the cache while valid at ``now``, else from the source."""
         request = DcapRequest(
             tee=tee,

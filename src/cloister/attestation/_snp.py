@@ -71,7 +71,12 @@ class TcbVersion:
         return cls(bootloader=b[0], tee=b[1], snp=b[6], microcode=b[7], fmc=None)
 
     def as_dict(self) -> dict[str, int]:
-        out = {"bootloader": self.bootloader, "tee": self.tee, "snp": self.snp, "microcode": self.microcode}
+        out = {
+            "bootloader": self.bootloader,
+            "tee": self.tee,
+            "snp": self.snp,
+            "microcode": self.microcode,
+        }
         if self.fmc is not None:
             out["fmc"] = self.fmc
         return out
@@ -143,8 +148,13 @@ def parse_report(data: bytes) -> Report:
     """Parse exactly one 1184-byte report; ``MalformedEvidenceError`` otherwise."""
     if len(data) != REPORT_SIZE:
         raise malformed(f"an SNP report is {REPORT_SIZE} bytes, got {len(data)}")
-    u32 = lambda off: struct.unpack_from("<I", data, off)[0]  # noqa: E731
-    u64 = lambda off: struct.unpack_from("<Q", data, off)[0]  # noqa: E731
+
+    def u32(off: int) -> int:
+        return int.from_bytes(data[off : off + 4], "little")
+
+    def u64(off: int) -> int:
+        return int.from_bytes(data[off : off + 8], "little")
+
     return Report(
         raw=bytes(data),
         version=u32(0x00),

@@ -55,7 +55,9 @@ class Window(Enum):
     NOT_YET_VALID = "not-yet-valid"
 
 
-def within(now: datetime, not_before: datetime, not_after: datetime, *, inclusive_end: bool) -> Window:
+def within(
+    now: datetime, not_before: datetime, not_after: datetime, *, inclusive_end: bool
+) -> Window:
     """Place ``now`` in ``[not_before, not_after]`` (or ``[not_before, not_after)``)."""
     if now < not_before:
         return Window.NOT_YET_VALID
@@ -126,7 +128,9 @@ def load_der_cert(data: bytes) -> x509.Certificate:
     return _strict_load(x509.load_der_x509_certificate, data, _touch_cert)
 
 
-def load_pem_certs(data: bytes, *, max_count: int = limits.MAX_CERT_CHAIN_LENGTH) -> list[x509.Certificate]:
+def load_pem_certs(
+    data: bytes, *, max_count: int = limits.MAX_CERT_CHAIN_LENGTH
+) -> list[x509.Certificate]:
     """All PEM certificates in ``data`` (trailing NULs and text between blocks ignored)."""
     if len(data) > limits.MAX_COLLATERAL_ITEM_BYTES:
         raise ValueError("PEM data exceeds MAX_COLLATERAL_ITEM_BYTES")

@@ -147,7 +147,9 @@ class DirectorySource:
         except FileNotFoundError:
             return None
         if size > limits.MAX_COLLATERAL_ITEM_BYTES:
-            raise CollateralError(f"{name} exceeds MAX_COLLATERAL_ITEM_BYTES", reason="collateral-too-large")
+            raise CollateralError(
+                f"{name} exceeds MAX_COLLATERAL_ITEM_BYTES", reason="collateral-too-large"
+            )
         return p.read_bytes()
 
     def _hex(self, name: str) -> bytes | None:
@@ -245,7 +247,9 @@ def _signature_hex(body: bytes) -> bytes:
         value = json.loads(body)["signature"]
         return bytes.fromhex(value)
     except (ValueError, KeyError, TypeError):
-        raise CollateralError("response has no hex signature", reason="malformed-collateral") from None
+        raise CollateralError(
+            "response has no hex signature", reason="malformed-collateral"
+        ) from None
 
 
 class _Http:
@@ -255,8 +259,10 @@ class _Http:
         import httpx
 
         self.base_url = base_url.rstrip("/")
-        self._client: httpx.Client = client if isinstance(client, httpx.Client) else httpx.Client(
-            timeout=timeout, follow_redirects=False
+        self._client: httpx.Client = (
+            client
+            if isinstance(client, httpx.Client)
+            else httpx.Client(timeout=timeout, follow_redirects=False)
         )
 
     def get(self, url: str, params: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
@@ -300,6 +306,13 @@ def _chain_header(headers: dict[str, str], *names: str) -> bytes:
     raise CollateralError(f"response lacks the {names[0]} header", reason="malformed-collateral")
 
 
+def _optional_header(headers: dict[str, str], name: str) -> bytes | None:
+    try:
+        return _chain_header(headers, name)
+    except CollateralError:
+        return None
+
+
 class PcsSource:
     """Intel PCS, or a PCCS speaking the same API v4, over HTTP (``httpx``).
 
@@ -322,7 +335,9 @@ class PcsSource:
     ) -> None:
         self._http = _Http(base_url, timeout=timeout, client=client)
         self._root_crl_url = root_crl_url or (
-            INTEL_ROOT_CRL_URL if base_url.rstrip("/") == INTEL_PCS_URL else "/sgx/certification/v4/rootcacrl"
+            INTEL_ROOT_CRL_URL
+            if base_url.rstrip("/") == INTEL_PCS_URL
+            else "/sgx/certification/v4/rootcacrl"
         )
         if api_key:
             self._http._client.headers["Ocp-Apim-Subscription-Key"] = api_key
@@ -349,14 +364,16 @@ class PcsSource:
                 qe_headers, "SGX-Enclave-Identity-Issuer-Chain", "Enclave-Identity-Issuer-Chain"
             ),
             pck_crl=crl,
-            pck_crl_issuer_chain=_chain_header(crl_headers, "SGX-PCK-CRL-Issuer-Chain"),
+            pck_crl_issuer_chain=_optional_header(crl_headers, "SGX-PCK-CRL-Issuer-Chain"),
             root_ca_crl=root_crl,
         )
 
     def pck_chain(self, request: PckRequest) -> bytes:
         # Certification data type 3: encrypted PPID (RSA-3072-OAEP) ‖ CPUSVN ‖ PCESVN ‖ PCEID.
         if request.cert_type != 3 or len(request.cert_data) != 384 + 16 + 2 + 2:
-            raise _missing(f"PCK certificate lookup for certification data type {request.cert_type}")
+            raise _missing(
+                f"PCK certificate lookup for certification data type {request.cert_type}"
+            )
         data = request.cert_data
         body, headers = self._http.get(
             "/sgx/certification/v4/pckcert",

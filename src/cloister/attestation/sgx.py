@@ -42,7 +42,9 @@ __all__ = ["SgxVerifier", "intel_root_pins"]
 
 def intel_root_pins(extra_pem: Iterable[bytes] = ()) -> frozenset[str]:
     """SPKI SHA-256 pins: the shipped Intel SGX Root CA, plus any given PEM certificates."""
-    pins = {_x509.spki_sha256(c) for c in _x509.load_pem_certs(_x509.root_pem("intel_sgx_root_ca.pem"))}
+    pins = {
+        _x509.spki_sha256(c) for c in _x509.load_pem_certs(_x509.root_pem("intel_sgx_root_ca.pem"))
+    }
     for pem in extra_pem:
         pins.update(_x509.spki_sha256(c) for c in _x509.load_pem_certs(pem))
     return frozenset(pins)

@@ -53,7 +53,9 @@ __all__ = ["SnpVerifier", "amd_ark_pins"]
 def amd_ark_pins() -> dict[str, str]:
     """SPKI SHA-256 of the shipped ARK of each product."""
     return {
-        product: _x509.spki_sha256(_x509.load_pem_certs(_x509.root_pem(f"amd_{product.lower()}_ark.pem"))[0])
+        product: _x509.spki_sha256(
+            _x509.load_pem_certs(_x509.root_pem(f"amd_{product.lower()}_ark.pem"))[0]
+        )
         for product in _snp.PRODUCTS
     }
 
@@ -104,7 +106,9 @@ class SnpVerifier:
                 reason="unsupported-product",
             )
         if product is not None and self._product is not None and product != self._product:
-            raise CollateralError(f"the report is from {product}, not {self._product}", reason="product-mismatch")
+            raise CollateralError(
+                f"the report is from {product}, not {self._product}", reason="product-mismatch"
+            )
         product = product or self._product
         # (3) certificates
         col, cache_key, cached = self._collateral(report, kind, product, table, now)
@@ -155,14 +159,19 @@ class SnpVerifier:
         if isinstance(hit, SnpCollateral):
             return hit, key, True
         request = SnpRequest(
-            product=product, signing_key=kind, chip_id=report.chip_id, reported_tcb=report.reported_tcb
+            product=product,
+            signing_key=kind,
+            chip_id=report.chip_id,
+            reported_tcb=report.reported_tcb,
         )
         return self._source.snp_collateral(request), key, False
 
     def _chain(self, col: SnpCollateral, kind: str, product: str | None) -> _Chain:
         key_der = col.vcek if kind == "vcek" else col.vlek
         if key_der is None:
-            raise CollateralError(f"no {kind.upper()} certificate is available", reason="collateral-missing")
+            raise CollateralError(
+                f"no {kind.upper()} certificate is available", reason="collateral-missing"
+            )
         if product is None:
             raise CollateralError("the SNP product is unknown", reason="product-mismatch")
         signer_name = "ask" if kind == "vcek" else "asvk"
@@ -172,13 +181,18 @@ class SnpVerifier:
         ark_pem = col.ark or _x509.root_pem(f"amd_{product.lower()}_ark.pem")
         material = b"\0".join((product.encode(), kind.encode(), key_der, signer_pem, ark_pem))
         return self._cache.memo(
-            "snp-chain", material, lambda: _build_chain(key_der, signer_pem, ark_pem, kind, product, self._pins)
+            "snp-chain",
+            material,
+            lambda: _build_chain(key_der, signer_pem, ark_pem, kind, product, self._pins),
         )
 
 
 def _check_layout(report: _snp.Report) -> str:
     if report.version < 2:
-        raise MalformedEvidenceError(f"SNP report version {report.version} is not supported", reason="unsupported-report-version")
+        raise MalformedEvidenceError(
+            f"SNP report version {report.version} is not supported",
+            reason="unsupported-report-version",
+        )
     if report.signature_algo != _snp.SIG_ALGO_ECDSA_P384_SHA384:
         raise MalformedEvidenceError(
             f"signature algorithm {report.signature_algo} is not ECDSA P-384/SHA-384",
@@ -190,7 +204,10 @@ def _check_layout(report: _snp.Report) -> str:
         return "vcek"
     if report.signing_key == _snp.SIGNING_KEY_VLEK:
         return "vlek"
-    raise MalformedEvidenceError(f"signing key {report.signing_key} is neither VCEK nor VLEK", reason="unsupported-signing-key")
+    raise MalformedEvidenceError(
+        f"signing key {report.signing_key} is neither VCEK nor VLEK",
+        reason="unsupported-signing-key",
+    )
 
 
 def _product_of(col: SnpCollateral, kind: str) -> str | None:
@@ -217,14 +234,21 @@ def _chain_error(kind: str, message: str) -> SignatureError:
 
 
 def _build_chain(
-    key_der: bytes, signer_pem: bytes, ark_pem: bytes, kind: str, product: str, pins: Mapping[str, str]
+    key_der: bytes,
+    signer_pem: bytes,
+    ark_pem: bytes,
+    kind: str,
+    product: str,
+    pins: Mapping[str, str],
 ) -> _Chain:
     try:
         key_cert = _snp.load_cert(key_der)
         signer = _snp.load_cert(signer_pem)
         ark = _snp.load_cert(ark_pem)
     except ValueError as exc:
-        raise _chain_error(kind, f"a certificate of the {kind.upper()} chain cannot be parsed: {exc}") from None
+        raise _chain_error(
+            kind, f"a certificate of the {kind.upper()} chain cannot be parsed: {exc}"
+        ) from None
     # (4) the ARK is the pinned key of this product and signed itself
     if _x509.spki_sha256(ark) != pins.get(product):
         raise _chain_error(kind, f"the ARK is not the pinned AMD root key for {product}")
@@ -232,7 +256,9 @@ def _build_chain(
         raise _chain_error(kind, "the ARK's self-signature does not verify")
     # (5) ASK/ASVK by the ARK
     if not _x509.issued_by(signer, ark):
-        raise _chain_error(kind, f"the {'ASK' if kind == 'vcek' else 'ASVK'} is not signed by the ARK")
+        raise _chain_error(
+            kind, f"the {'ASK' if kind == 'vcek' else 'ASVK'} is not signed by the ARK"
+        )
     # (6) VCEK/VLEK by the ASK/ASVK
     if not _x509.issued_by(key_cert, signer):
         raise _chain_error(kind, f"the {kind.upper()} is not signed by its AMD signing key")
@@ -261,7 +287,10 @@ def _check_product(endorsement: _snp.EndorsementKey, product: str | None, kind: 
     name = endorsement.product_name
     # productName is e.g. "Milan-B0" in VCEKs and "Milan" in VLEKs.
     if name is not None and product is not None and name.split("-", 1)[0] != product:
-        raise CollateralError(f"the {kind.upper()} is for {name}, the report is from {product}", reason="product-mismatch")
+        raise CollateralError(
+            f"the {kind.upper()} is for {name}, the report is from {product}",
+            reason="product-mismatch",
+        )
 
 
 def _check_reported_tcb(tcb: _snp.TcbVersion, endorsement: _snp.EndorsementKey, kind: str) -> None:
@@ -282,11 +311,15 @@ def _check_reported_tcb(tcb: _snp.TcbVersion, endorsement: _snp.EndorsementKey, 
         )
 
 
-def _check_chip_id(report: _snp.Report, endorsement: _snp.EndorsementKey, product: str | None) -> None:
+def _check_chip_id(
+    report: _snp.Report, endorsement: _snp.EndorsementKey, product: str | None
+) -> None:
     hwid = endorsement.hwid
     chip = report.chip_id[:8] if product == "Turin" else report.chip_id
     if hwid is None or hwid != chip:
-        raise CollateralError("CHIP_ID differs from the VCEK's hardware ID", reason="chip-id-mismatch")
+        raise CollateralError(
+            "CHIP_ID differs from the VCEK's hardware ID", reason="chip-id-mismatch"
+        )
 
 
 def _check_signature(report: _snp.Report, key: ec.EllipticCurvePublicKey) -> None:
@@ -297,11 +330,18 @@ def _check_signature(report: _snp.Report, key: ec.EllipticCurvePublicKey) -> Non
             ec.ECDSA(hashes.SHA384()),
         )
     except (InvalidSignature, ValueError):
-        raise SignatureError("the report signature does not verify under the endorsement key", reason="report-signature") from None
+        raise SignatureError(
+            "the report signature does not verify under the endorsement key",
+            reason="report-signature",
+        ) from None
 
 
 def _claims(
-    report: _snp.Report, product: str | None, kind: str, tcb: _snp.TcbVersion, ek: _snp.EndorsementKey
+    report: _snp.Report,
+    product: str | None,
+    kind: str,
+    tcb: _snp.TcbVersion,
+    ek: _snp.EndorsementKey,
 ) -> Claims:
     turin = product == "Turin"
     values: dict[str, ClaimValue] = {
@@ -328,7 +368,10 @@ def _claims(
     }
     for name, value in tcb.as_dict().items():
         values[f"reported_tcb_{name}"] = value
-    for field_name, raw in (("current_tcb", report.current_tcb), ("committed_tcb", report.committed_tcb)):
+    for field_name, raw in (
+        ("current_tcb", report.current_tcb),
+        ("committed_tcb", report.committed_tcb),
+    ):
         for name, value in _snp.TcbVersion.from_raw(raw, turin=turin).as_dict().items():
             values[f"{field_name}_{name}"] = value
     if ek.csp_id is not None:

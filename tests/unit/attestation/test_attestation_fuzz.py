@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from cloister.attestation import Tee, _dcap, _snp, collateral
 from cloister.errors import EvidenceError, MalformedEvidenceError
 
-ACCEPTED = {tee: next(c for c in all_cases(tee.value) if c.accept) for tee in (Tee.SGX, Tee.TDX, Tee.SNP)}
+ACCEPTED = {
+    tee: next(c for c in all_cases(tee.value) if c.accept) for tee in (Tee.SGX, Tee.TDX, Tee.SNP)
+}
 FUZZ = settings(
     max_examples=400,
     derandomize=True,
@@ -21,7 +23,9 @@ FUZZ = settings(
 )
 
 
-def _verify_or_refuse(case: Case, evidence: bytes, source: collateral.CollateralSource | None = None) -> None:
+def _verify_or_refuse(
+    case: Case, evidence: bytes, source: collateral.CollateralSource | None = None
+) -> None:
     verifier = make_verifier(case.tee, source or collateral.DirectorySource(case.collateral_dir))
     try:
         verifier.verify(evidence, now=case.now)
@@ -61,10 +65,16 @@ def test_verifiers_on_arbitrary_bytes(tee: Tee, data: bytes) -> None:
 @FUZZ
 @given(
     tee=st.sampled_from([Tee.SGX, Tee.TDX, Tee.SNP]),
-    edits=st.lists(st.tuples(st.integers(min_value=0), st.binary(min_size=1, max_size=8)), min_size=1, max_size=4),
+    edits=st.lists(
+        st.tuples(st.integers(min_value=0), st.binary(min_size=1, max_size=8)),
+        min_size=1,
+        max_size=4,
+    ),
     cut=st.one_of(st.none(), st.integers(min_value=0)),
 )
-def test_verifiers_on_mutated_evidence(tee: Tee, edits: list[tuple[int, bytes]], cut: int | None) -> None:
+def test_verifiers_on_mutated_evidence(
+    tee: Tee, edits: list[tuple[int, bytes]], cut: int | None
+) -> None:
     case = ACCEPTED[tee]
     data = bytearray(case.evidence)
     for offset, value in edits:
@@ -84,13 +94,17 @@ class _MutatedSource:
         self._value = value
 
     def dcap_collateral(self, request: collateral.DcapRequest) -> collateral.DcapCollateral:
-        return dataclasses.replace(self._inner.dcap_collateral(request), **{self._field: self._value})
+        return dataclasses.replace(
+            self._inner.dcap_collateral(request), **{self._field: self._value}
+        )
 
     def pck_chain(self, request: collateral.PckRequest) -> bytes:
         return self._inner.pck_chain(request)
 
     def snp_collateral(self, request: collateral.SnpRequest) -> collateral.SnpCollateral:
-        return dataclasses.replace(self._inner.snp_collateral(request), **{self._field: self._value})
+        return dataclasses.replace(
+            self._inner.snp_collateral(request), **{self._field: self._value}
+        )
 
 
 DCAP_FIELDS = [f.name for f in dataclasses.fields(collateral.DcapCollateral)]
@@ -106,14 +120,18 @@ def test_verifiers_on_mutated_collateral(data: st.DataObject) -> None:
     field = data.draw(st.sampled_from(fields))
     source = collateral.DirectorySource(case.collateral_dir)
     if tee is Tee.SNP:
-        original = getattr(source.snp_collateral(collateral.SnpRequest(None, "vcek", b"", 0)), field)
+        original = getattr(
+            source.snp_collateral(collateral.SnpRequest(None, "vcek", b"", 0)), field
+        )
     else:
         original = getattr(
             source.dcap_collateral(collateral.DcapRequest(tee, "", "", "processor")), field
         )
     if original and data.draw(st.booleans()):
         at = data.draw(st.integers(min_value=0, max_value=len(original) - 1))
-        value: bytes | None = original[:at] + data.draw(st.binary(min_size=1, max_size=4)) + original[at + 1 :]
+        value: bytes | None = (
+            original[:at] + data.draw(st.binary(min_size=1, max_size=4)) + original[at + 1 :]
+        )
     else:
         value = data.draw(st.one_of(st.none(), st.binary(max_size=512)))
     _verify_or_refuse(case, case.evidence, _MutatedSource(case, field, value))

@@ -57,13 +57,19 @@ def test_every_byte_of_the_embedded_pck_chain_is_protected(tee: Tee) -> None:
     case = next(c for c in DCAP_ACCEPTED if c.tee is tee)
     verifier = case.verifier(collateral.CollateralCache())
     start, end = _cert_data_offset(case)
-    original = [c.public_bytes(_x509.serialization.Encoding.DER) for c in _x509.load_pem_certs(case.evidence[start:end])]
+    original = [
+        c.public_bytes(_x509.serialization.Encoding.DER)
+        for c in _x509.load_pem_certs(case.evidence[start:end])
+    ]
     for offset in range(start, end):
         mutated = _flipped(case.evidence, offset)
         if _rejected(verifier, mutated, case):
             continue
         # Accepted: the change must not have touched any certificate's DER.
-        after = [c.public_bytes(_x509.serialization.Encoding.DER) for c in _x509.load_pem_certs(mutated[start:end])]
+        after = [
+            c.public_bytes(_x509.serialization.Encoding.DER)
+            for c in _x509.load_pem_certs(mutated[start:end])
+        ]
         assert after == original, f"offset {offset:#x} changed a certificate and was accepted"
 
 

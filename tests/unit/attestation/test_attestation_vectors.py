@@ -54,7 +54,9 @@ def test_vector_warm_gives_the_same_outcome(case: Case) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_vector_through_the_registry(case: Case) -> None:
-    verifier = attestation.verifier_for(case.tee, collateral=collateral.DirectorySource(case.collateral_dir))
+    verifier = attestation.verifier_for(
+        case.tee, collateral=collateral.DirectorySource(case.collateral_dir)
+    )
     assert verifier.tee is case.tee
     _check(case, verifier.verify)
 
