@@ -170,6 +170,7 @@ class _Context:
     secrets: dict[tuple[str, str], dict[str, bytes]] = field(default_factory=dict)
     services: dict[str, list[int]] = field(default_factory=dict)
     session_secrets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    service_names: set[str] = field(default_factory=set)
     secret_names: dict[tuple[str, str, str], str] = field(default_factory=dict)
     fill_in: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -325,9 +326,17 @@ def _pod_template(doc: dict[str, Any]) -> dict[str, Any]:
     return node
 
 
-def _service_name(workload: str, container: str, many: bool) -> str:
-    name = f"{workload}-{container}" if many else workload
-    return _UNSAFE_NAME_CHARS.sub("-", name)
+def _service_name(ctx: _Context, kind: str, workload: str, container: str, many: bool) -> str:
+    """A session-wide unique service name: the workload's, or ``<workload>-<container>``."""
+    base = _UNSAFE_NAME_CHARS.sub("-", f"{workload}-{container}" if many else workload)
+    name, n = base, 2
+    if name in ctx.service_names:
+        # e.g. a Deployment and a StatefulSet of the same name
+        base = name = f"{base}-{kind.lower()}"
+    while name in ctx.service_names:
+        name, n = f"{base}-{n}", n + 1
+    ctx.service_names.add(name)
+    return name
 
 
 def _rewrite_workload(
@@ -345,8 +354,9 @@ def _rewrite_workload(
     images: list[dict[str, Any]] = []
     annotations: dict[str, str] = {ANNOTATION_SESSION: ctx.session_name}
     egress: dict[str, int] = {}
-    for container in containers:
-        name = _service_name(workload, str(container.get("name", "")), many)
+    kind = str(doc["kind"])
+    names = [_service_name(ctx, kind, workload, str(c.get("name", "")), many) for c in containers]
+    for container, name in zip(containers, names, strict=True):
         service, image = _rewrite_container(ctx, namespace, workload, container, volumes, name)
         services.append(service)
         if image is not None:
@@ -356,9 +366,9 @@ def _rewrite_workload(
         egress.update(_egress(ctx, service, workload))
         _add_tee_resources(ctx, container)
     # The first regular container is the pod's main service.
-    main = pod_spec.get("containers") or containers
-    if main:
-        annotations[ANNOTATION_SERVICE] = _service_name(workload, str(main[0].get("name")), many)
+    if containers:
+        first_regular = len(pod_spec.get("initContainers") or [])
+        annotations[ANNOTATION_SERVICE] = names[min(first_regular, len(names) - 1)]
     if egress:
         annotations[ANNOTATION_EGRESS] = ",".join(f"{h}={p}" for h, p in sorted(egress.items()))
 
@@ -435,6 +445,11 @@ def _environment(
         else:
             env[name] = value
     container.pop("envFrom", None)
+    if any("$(" in v for v in env.values()):
+        ctx.notes.append(
+            f"{where}: $(VAR) references in the environment are no longer expanded by "
+            "Kubernetes; write the values out in the session"
+        )
     if kept:
         container["env"] = kept
     else:
@@ -533,12 +548,14 @@ def _injection_files(
             continue
         base = str(mount["mountPath"])
         sub = mount.get("subPath")
-        for rel, content in contents.items():
-            if sub is not None:
-                if rel == sub:
-                    files.append({"path": base, "content": content})
-            else:
-                files.append({"path": f"{base.rstrip('/')}/{rel}", "content": content})
+        for rel, (content, mode) in contents.items():
+            if sub is not None and rel != sub:
+                continue
+            path = base if sub is not None else f"{base.rstrip('/')}/{rel}"
+            entry = {"path": path, "content": content}
+            if mode is not None:
+                entry["permission"] = f"{mode:04o}"
+            files.append(entry)
         if sub is None:
             mount.pop("readOnly", None)
             mounts.append(mount)
@@ -551,10 +568,13 @@ def _injection_files(
     return files
 
 
+_Files = dict[str, tuple[str, int | None]]
+
+
 def _volume_files(
     ctx: _Context, namespace: str, volume: Mapping[str, Any], where: str
-) -> dict[str, str] | None:
-    """File path (relative to the mount) → content, or None for other volume types."""
+) -> _Files | None:
+    """File path (relative to the mount) → (content, mode), or None for other volume types."""
     if "configMap" in volume:
         src = volume["configMap"]
         cm_name = str(src.get("name"))
@@ -562,7 +582,7 @@ def _volume_files(
         if data is None:
             ctx.fill_in.append(f"{where}: the files of ConfigMap {cm_name} (not in the input)")
             data = {}
-        return _select_items(data, src.get("items"))
+        return _select_items(data, src)
     if "secret" in volume:
         src = volume["secret"]
         secret = str(src.get("secretName"))
@@ -575,14 +595,27 @@ def _volume_files(
         if not keys:
             ctx.fill_in.append(f"{where}: the files of Secret {secret} (not in the input)")
         placeholders = {k: _placeholder(ctx, namespace, secret, k) for k in keys}
-        return _select_items(placeholders, src.get("items"))
+        return _select_items(placeholders, src)
     return None
 
 
-def _select_items(data: Mapping[str, str], items: Any) -> dict[str, str]:
+def _select_items(data: Mapping[str, str], source: Mapping[str, Any]) -> _Files:
+    """The files a configMap or secret volume source projects, with their modes if set."""
+    default = _mode(source.get("defaultMode"))
+    items = source.get("items")
     if not items:
-        return dict(data)
-    return {str(i.get("path", i["key"])): data[str(i["key"])] for i in items if i["key"] in data}
+        return {k: (v, default) for k, v in data.items()}
+    return {
+        str(i.get("path", i["key"])): (data[str(i["key"])], _mode(i.get("mode")) or default)
+        for i in items
+        if str(i["key"]) in data
+    }
+
+
+def _mode(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    return None
 
 
 def _rewrite_volumes(ctx: _Context, workload: str, pod_spec: dict[str, Any]) -> None:

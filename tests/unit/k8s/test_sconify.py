@@ -370,3 +370,51 @@ def test_command_reads_stdin(tmp_path: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "kubernetes.yaml").exists()
+
+
+def test_file_modes_become_permissions() -> None:
+    docs = sample_docs()
+    spec = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    spec["volumes"][1]["secret"]["defaultMode"] = 0o440
+    spec["volumes"][1]["secret"]["items"] = [
+        {"key": "tls.key", "path": "tls.key", "mode": 0o400},
+        {"key": "tls.crt", "path": "tls.crt"},
+    ]
+    files = by_name(run(docs=docs).session["images"], "web")["injection_files"]
+    perms = {f["path"]: f.get("permission") for f in files}
+    assert perms == {
+        "/etc/nginx/nginx.conf": None,
+        "/etc/tls/tls.key": "0400",
+        "/etc/tls/tls.crt": "0440",
+    }
+
+
+def test_service_names_are_unique() -> None:
+    docs = sample_docs()
+    twin = copy.deepcopy(next(d for d in docs if d["kind"] == "StatefulSet"))
+    twin["kind"] = "Deployment"
+    twin["spec"].pop("serviceName")
+    twin["spec"].pop("volumeClaimTemplates")
+    twin["spec"]["template"]["spec"]["volumes"] = [{"name": "data", "emptyDir": {}}]
+    result = run(docs=[*docs, twin])
+    names = [s["name"] for s in result.session["services"]]
+    assert names == ["web", "db", "db-deployment"]
+    assert annotations(result, "Deployment", "db")["cloister.io/service"] == "db-deployment"
+
+
+def test_init_containers_are_services_too() -> None:
+    docs = sample_docs()
+    spec = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    spec["initContainers"] = [{"name": "migrate", "image": "app", "command": ["migrate"]}]
+    result = run(docs=docs)
+    ann = annotations(result, "StatefulSet", "db")
+    assert ann["cloister.io/service"] == "db-postgres"
+    assert ann["cloister.io/service.migrate"] == "db-migrate"
+    assert {"db-migrate", "db-postgres"} <= {s["name"] for s in result.session["services"]}
+
+
+def test_kubernetes_variable_references_get_a_note() -> None:
+    docs = sample_docs()
+    spec = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    spec["containers"][0]["env"].append({"name": "X", "value": "$(POSTGRES_USER)-x"})
+    assert any("$(VAR)" in n for n in run(docs=docs).notes)
