@@ -202,7 +202,12 @@ def sconify(
     )
     docs = [copy.deepcopy(dict(d)) for d in documents]
     for doc in docs:
-        _index(ctx, doc)
+        try:
+            _index(ctx, doc)
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"{doc.get('kind')} {_meta_name(doc)} is malformed ({type(exc).__name__}: {exc})"
+            ) from None
 
     manifests: list[dict[str, Any]] = []
     services: list[dict[str, Any]] = []
@@ -215,7 +220,13 @@ def sconify(
             continue
         _drop_annotations(doc)
         if kind in _POD_TEMPLATE_PATHS:
-            svc, imgs = _rewrite_workload(ctx, doc)
+            try:
+                svc, imgs = _rewrite_workload(ctx, doc)
+            except (AttributeError, KeyError, TypeError) as exc:
+                # Input the API server would refuse too; say where, not a traceback.
+                raise ValueError(
+                    f"{kind} {name} is malformed ({type(exc).__name__}: {exc})"
+                ) from None
             services.extend(svc)
             images.extend(imgs)
         elif kind not in _PASS_THROUGH:
@@ -389,7 +400,7 @@ def _rewrite_container(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     where = f"{workload}/{container.get('name')}"
     service: dict[str, Any] = {"name": service_name}
-    command = _command(ctx, container, where)
+    command = _command(ctx, container, service_name)
     if command is not None:
         service["command"] = command
     service["environment"] = _environment(ctx, namespace, container, where)
@@ -409,7 +420,7 @@ def _rewrite_container(
     return service, image
 
 
-def _command(ctx: _Context, container: dict[str, Any], where: str) -> str | list[str] | None:
+def _command(ctx: _Context, container: dict[str, Any], service_name: str) -> str | list[str] | None:
     if container.get("command"):
         argv = [str(a) for a in container["command"]] + [
             str(a) for a in container.get("args") or []
@@ -419,11 +430,12 @@ def _command(ctx: _Context, container: dict[str, Any], where: str) -> str | list
             return " ".join(argv)
         return argv
     if container.get("args"):
-        ctx.notes.append(
-            f"{where}: only args are given; the session's command must start with the image's "
-            "entrypoint"
+        # The image's entrypoint is not in the YAML; the session's command needs it.
+        ctx.fill_in.append(
+            f"services[{service_name}].command[0]: the entrypoint of image "
+            f"{container.get('image', '?')}"
         )
-        ctx.fill_in.append(f"{where}: the image's entrypoint before args {container['args']!r}")
+        return [FILL_IN, *(str(a) for a in container["args"])]
     return None
 
 

@@ -418,3 +418,36 @@ def test_kubernetes_variable_references_get_a_note() -> None:
     spec = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
     spec["containers"][0]["env"].append({"name": "X", "value": "$(POSTGRES_USER)-x"})
     assert any("$(VAR)" in n for n in run(docs=docs).notes)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"kind": "Deployment", "metadata": {"name": "x"}, "spec": None},
+        {"kind": "Deployment", "metadata": {"name": "x"}, "spec": {"template": {"spec": []}}},
+        {
+            "kind": "Pod",
+            "metadata": {"name": "x"},
+            "spec": {
+                "containers": [{"name": "c", "volumeMounts": [{"name": "v"}]}],
+                "volumes": [{"name": "v", "configMap": {"name": "web-config"}}],
+            },
+        },
+        {"kind": "Secret", "metadata": {"name": "x"}, "data": ["not", "a", "map"]},
+    ],
+)
+def test_malformed_objects_are_refused_with_their_name(doc: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=f"{doc['kind']} x is malformed"):
+        run(docs=[*sample_docs(), doc])
+
+
+def test_args_without_command_leave_the_entrypoint_to_fill_in() -> None:
+    docs = sample_docs()
+    container = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    container["args"] = ["-c", "max_connections=50"]
+    result = run(docs=docs)
+    db = by_name(result.session["services"], "db")
+    assert db["command"] == [sconify.FILL_IN, "-c", "max_connections=50"]
+    assert any(i.startswith("services[db].command[0]") for i in result.fill_in)
