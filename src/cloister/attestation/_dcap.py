@@ -357,6 +357,7 @@ class PckChain:
     extension: PckExtension
     ca_kind: str  # "processor" | "platform"
     leaf_key: ec.EllipticCurvePublicKey
+    fingerprints: tuple[bytes, bytes, bytes]  # SHA-256 of leaf, CA, root: cache keys
 
 
 def pck_chain_error(message: str) -> SignatureError:
@@ -397,7 +398,12 @@ def build_pck_chain(pem: bytes, pins: frozenset[str]) -> PckChain:
     key = leaf.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise pck_chain_error("the PCK certificate key is not ECDSA P-256")
-    return PckChain(leaf, ca, root, extension, ca_kind, key)
+    fingerprints = (
+        leaf.fingerprint(hashes.SHA256()),
+        ca.fingerprint(hashes.SHA256()),
+        root.fingerprint(hashes.SHA256()),
+    )
+    return PckChain(leaf, ca, root, extension, ca_kind, key, fingerprints)
 
 
 def pck_chain_pem(quote: Quote, collateral: CollateralSource, tee: Tee) -> bytes:
@@ -970,7 +976,7 @@ class DcapSteps:
     def qe_report(self, quote: Quote, chain: PckChain) -> SgxReport:
         """QE report signature and attestation-key binding, memoized per (PCK key, QE report)."""
         material = (
-            chain.leaf.fingerprint(hashes.SHA256())
+            chain.fingerprints[0]
             + quote.qe_report
             + quote.qe_report_signature
             + quote.attestation_key
@@ -1067,12 +1073,12 @@ class DcapSteps:
             )
         root = self.cache.memo(
             "root-crl",
-            chain.root.fingerprint(hashes.SHA256()) + root_der,
+            chain.fingerprints[2] + root_der,
             lambda: load_crl(root_der, chain.root, what="Intel SGX Root CA CRL"),
         )
         pck = self.cache.memo(
             "pck-crl",
-            chain.ca.fingerprint(hashes.SHA256()) + pck_der,
+            chain.fingerprints[1] + pck_der,
             lambda: load_crl(pck_der, chain.ca, what="PCK CRL"),
         )
         check_crl(pck, now, name="pck", serial=chain.leaf.serial_number)

@@ -11,6 +11,7 @@ Does not own: which chain a TEE requires or which reason a failure carries; call
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -204,6 +205,7 @@ def order_chain(certs: Sequence[x509.Certificate]) -> list[x509.Certificate]:
     return chain
 
 
+@functools.cache
 def root_pem(name: str) -> bytes:
     """A vendor root shipped as package data in ``cloister/attestation/roots``."""
     return resources.files("cloister.attestation").joinpath("roots", name).read_bytes()

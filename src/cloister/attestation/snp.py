@@ -112,7 +112,13 @@ class SnpVerifier:
         product = product or self._product
         # (3) certificates
         col, cache_key, cached = self._collateral(report, kind, product, table, now)
-        product = product or _product_of(col, kind)
+        if product is None:
+            material = b"\0".join(
+                blob or b"" for blob in (col.ark, col.ask, col.asvk, col.vcek, col.vlek)
+            )
+            product = self._cache.memo(
+                "snp-product", kind.encode() + material, lambda: _product_of(col, kind)
+            )
         # (4) (5) (6) ARK pinned, ASK/ASVK and VCEK/VLEK signatures
         chain = self._chain(col, kind, product)
         # (7) windows
