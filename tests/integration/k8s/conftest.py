@@ -45,8 +45,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: int, log: Path) -> str | 
 def _start_testenv(run_dir: Path) -> tuple[dict[str, str], str | None]:
     env = dict(os.environ)
     env["K8S_LOCAL_DIR"] = str(run_dir)
-    log = run_dir / "testenv.log"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / "testenv.log"
     error = _run([str(TESTENV), "build"], env, BUILD_SECONDS, log)
     if error is None:
         error = _run([str(TESTENV), "start"], env, 300, log)
@@ -66,7 +65,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             unavailable(f"KUBECONFIG={given} does not answer: {probe.stderr.strip()}")
         yield c
         return
-    run_dir = tmp_path_factory.mktemp("k8s-testenv")
+    run_dir = tmp_path_factory.mktemp("k8s-testenv") / "run"
     env, error = _start_testenv(run_dir)
     try:
         if error is not None:
