@@ -95,10 +95,6 @@ class Quote:
     cert_type: int
     cert_data: bytes
 
-    @property
-    def qe_report_body(self) -> SgxReport:
-        return SgxReport.parse(self.qe_report)
-
 
 class _Reader:
     """Bounded little-endian reads: any overrun is a ``malformed-quote``."""
@@ -410,16 +406,7 @@ def pck_chain_pem(quote: Quote, collateral: CollateralSource, tee: Tee) -> bytes
     """The PCK chain: inside the quote (type 5), else from the collateral source."""
     if quote.cert_type == CERT_PCK_CHAIN:
         return quote.cert_data
-    qe = SgxReport.parse(quote.qe_report)
-    request = PckRequest(
-        tee=tee,
-        cert_type=quote.cert_type,
-        cert_data=quote.cert_data,
-        qe_id=b"",
-        cpu_svn=qe.cpu_svn,
-        pce_svn=int.from_bytes(quote.header[10:12], "little"),
-        pce_id=b"",
-    )
+    request = PckRequest(tee=tee, cert_type=quote.cert_type, cert_data=quote.cert_data)
     try:
         return collateral.pck_chain(request)
     except CollateralError as exc:
@@ -584,6 +571,11 @@ def _hex(value: object, size: int | None = None) -> bytes:
     return out
 
 
+def _status(level: Mapping[str, Any]) -> str:
+    # TCB Info v1 said "status"; v2 and v3 say "tcbStatus".
+    return str(level["tcbStatus"] if "tcbStatus" in level else level["status"])
+
+
 def _levels_of_identity(items: object) -> tuple[tuple[int, str, tuple[str, ...]], ...]:
     if not isinstance(items, list):
         raise ValueError("tcbLevels is not a list")
@@ -592,7 +584,7 @@ def _levels_of_identity(items: object) -> tuple[tuple[int, str, tuple[str, ...]]
         out.append(
             (
                 int(level["tcb"]["isvsvn"]),
-                str(level["tcbStatus"]),
+                _status(level),
                 tuple(str(a) for a in level.get("advisoryIDs", [])),
             )
         )
@@ -624,7 +616,7 @@ def _tcb_level(level: Mapping[str, Any], version: int) -> TcbLevel:
         sgx_components=sgx,
         pce_svn=int(tcb["pcesvn"]),
         tdx_components=tdx,
-        status=str(level["tcbStatus"]),
+        status=_status(level),
         advisory_ids=tuple(str(a) for a in level.get("advisoryIDs", [])),
     )
 
@@ -747,11 +739,8 @@ def load_crl(der: bytes | None, issuer: x509.Certificate, *, what: str) -> Crl:
 # --- windows ----------------------------------------------------------------------------------
 
 
-def collateral_window(
-    item: str, not_before: datetime, not_after: datetime, now: datetime
-) -> Window:
+def collateral_window(not_before: datetime, not_after: datetime, now: datetime) -> Window:
     """TCB Info and identities are valid on ``[issueDate, nextUpdate)``."""
-    del item
     return _x509.within(now, not_before, not_after, inclusive_end=False)
 
 
@@ -760,8 +749,8 @@ def check_collateral_windows(tcb: TcbInfo, qe: QeIdentity, now: datetime) -> Non
     failures = [
         (name, w)
         for name, w in (
-            ("tcb-info", collateral_window("tcb-info", tcb.issue_date, tcb.next_update, now)),
-            ("qe-identity", collateral_window("qe-identity", qe.issue_date, qe.next_update, now)),
+            ("tcb-info", collateral_window(tcb.issue_date, tcb.next_update, now)),
+            ("qe-identity", collateral_window(qe.issue_date, qe.next_update, now)),
         )
         if w is not Window.VALID
     ]

@@ -63,15 +63,15 @@ class DcapRequest:
 
 @dataclass(frozen=True)
 class PckRequest:
-    """Names a PCK certificate for quotes whose certification data does not carry it."""
+    """Names a PCK certificate for quotes whose certification data does not carry it.
+
+    ``cert_data`` is the quote's certification data: for types 2 and 3 the encrypted PPID
+    followed by CPUSVN, PCESVN and PCE ID (Intel SGX ECDSA Quote Library API, Table 9).
+    """
 
     tee: Tee
     cert_type: int
     cert_data: bytes
-    qe_id: bytes
-    cpu_svn: bytes
-    pce_svn: int
-    pce_id: bytes
 
 
 @dataclass(frozen=True)
