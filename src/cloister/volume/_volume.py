@@ -332,8 +332,9 @@ class Volume:
                 raise FileNotFoundError(errno.ENOENT, "no such file", path)
             self._check_writable()
             self._parent_dir(p)
-            rec = fmt.FileRecord(os.urandom(fmt.FID_BYTES), 0, mode & 0o7777, self._clock(),
-                                 bytearray(), bytearray())  # fmt: skip
+            rec = fmt.FileRecord(
+                os.urandom(fmt.FID_BYTES), 0, mode & 0o7777, self._clock(), bytearray(), bytearray()
+            )
             self._add(p, rec)
             f = self._state(p, rec)
             self._fd(rec.fid, create=True)  # every file has a data file, even an empty one
@@ -901,8 +902,9 @@ def _read_bounded(path: str, limit: int, missing: str, what: str) -> bytes:
 
 
 def _lock(directory: str, *, exclusive: bool) -> int:
-    fd = os.open(os.path.join(directory, fmt.LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                 0o600)  # fmt: skip
+    fd = os.open(
+        os.path.join(directory, fmt.LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -941,8 +943,17 @@ def create(
     finally:
         os.close(fd)
     manifest = fmt.Manifest(0, bytes(fmt.MAC_BYTES), {})
-    volume = Volume(directory, keys, header, manifest, fmt.RootTag(0, bytes(fmt.MAC_BYTES)),
-                    lock_fd=lock_fd, read_only=False, on_sync=on_sync, clock=clock)  # fmt: skip
+    volume = Volume(
+        directory,
+        keys,
+        header,
+        manifest,
+        fmt.RootTag(0, bytes(fmt.MAC_BYTES)),
+        lock_fd=lock_fd,
+        read_only=False,
+        on_sync=on_sync,
+        clock=clock,
+    )
     volume._modified = True
     volume.sync()  # generation 1: the empty volume
     return volume
@@ -972,20 +983,34 @@ def open_volume(
     expected = fmt.RootTag.parse(expected_root_tag) if expected_root_tag is not None else None
     if not os.path.isdir(directory):
         raise FileNotFoundError(errno.ENOENT, "no such volume directory", directory)
-    raw_header = _read_bounded(os.path.join(directory, fmt.HEADER_NAME), fmt.header_length(),
-                               "header-missing", "header")  # fmt: skip
+    raw_header = _read_bounded(
+        os.path.join(directory, fmt.HEADER_NAME), fmt.header_length(), "header-missing", "header"
+    )
     peeked = fmt.peek_header(raw_header)
     keys = fmt.Keys.derive(key, peeked.volume_id)
     header = fmt.check_header(raw_header, keys)  # (1)
     lock_fd = _lock(directory, exclusive=not read_only)  # (2)
     try:
-        raw = _read_bounded(os.path.join(directory, fmt.MANIFEST_NAME), fmt.MAX_MANIFEST_BYTES,
-                            "manifest-missing", "manifest")  # fmt: skip
+        raw = _read_bounded(
+            os.path.join(directory, fmt.MANIFEST_NAME),
+            fmt.MAX_MANIFEST_BYTES,
+            "manifest-missing",
+            "manifest",
+        )
         manifest = fmt.decode_manifest(raw, keys, header.block_size)  # (3)
         tag = fmt.RootTag(manifest.generation, fmt.root_mac(keys, raw))
         ahead = expected is not None and _check_version(tag, manifest, expected, strict)  # (4)
-        volume = Volume(directory, keys, header, manifest, tag, lock_fd=lock_fd,
-                        read_only=read_only, on_sync=on_sync, clock=clock)  # fmt: skip
+        volume = Volume(
+            directory,
+            keys,
+            header,
+            manifest,
+            tag,
+            lock_fd=lock_fd,
+            read_only=read_only,
+            on_sync=on_sync,
+            clock=clock,
+        )
     except BaseException:
         os.close(lock_fd)
         raise
