@@ -98,6 +98,10 @@ def test_report_data_must_be_64_bytes(tmp_path: Path) -> None:
 # --- configfs-tsm ---------------------------------------------------------------------------------
 
 
+def _der(path: Path) -> bytes:
+    return _x509.load_pem_certs(path.read_bytes())[0].public_bytes(_x509.serialization.Encoding.DER)
+
+
 def _cert_table(entries: list[tuple[uuid.UUID, bytes]], *, mixed_endian: bool = False) -> bytes:
     header_size = 24 * (len(entries) + 1)
     header = b""
@@ -173,17 +177,16 @@ def test_tsm_tdx_quote_is_bound_and_verifies(tmp_path: Path) -> None:
 def test_tsm_snp_report_carries_its_certificates(tmp_path: Path, mixed_endian: bool) -> None:
     case, spec = _accepted("snp", "vcek")
     col = case / "collateral"
-    der = lambda pem: _x509.load_pem_certs(pem)[0].public_bytes(_x509.serialization.Encoding.DER)  # noqa: E731
     table = _cert_table(
         [
             (uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd"), (col / "vcek.der").read_bytes()),
             (
                 uuid.UUID("4ab7b379-bbac-4fe4-a02f-05aef327c782"),
-                der((col / "ask.pem").read_bytes()),
+                _der(col / "ask.pem"),
             ),
             (
                 uuid.UUID("c0b406a4-a803-4952-9743-3fb6014cd0ae"),
-                der((col / "ark.pem").read_bytes()),
+                _der(col / "ark.pem"),
             ),
         ],
         mixed_endian=mixed_endian,
