@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from cloister.cli import attest, audit, mesh, sconify, volume
+from cloister.cli import attest, audit, k8s, mesh, sconify, volume
 
 app = typer.Typer(
     name="cloister",
@@ -21,6 +21,7 @@ app.add_typer(attest.app, name="attest")
 app.add_typer(volume.app, name="volume")
 app.add_typer(audit.app, name="audit")
 app.add_typer(mesh.app, name="mesh")
+app.add_typer(k8s.app, name="k8s")
 app.command("sconify")(sconify.sconify)
 
 
