@@ -45,6 +45,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: int, log: Path) -> str | 
 def _start_testenv(run_dir: Path) -> tuple[dict[str, str], str | None]:
     env = dict(os.environ)
     env["K8S_LOCAL_DIR"] = str(run_dir)
+    env["K8S_LOCAL_WATCH_PID"] = str(os.getpid())
     log = run_dir.parent / "testenv.log"
     error = _run([str(TESTENV), "build"], env, BUILD_SECONDS, log)
     if error is None:
