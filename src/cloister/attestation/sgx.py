@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
-from cloister.attestation import _dcap, _x509
+from cloister.attestation import _dcap, _dcap_steps, _dcap_tcb, _x509
 from cloister.attestation._claims import Claims, Tee
 from cloister.attestation.collateral import CollateralCache, CollateralSource
 
@@ -68,7 +68,7 @@ class SgxVerifier:
         intel_roots: Iterable[bytes] | None = None,
     ) -> None:
         pins = intel_root_pins() if intel_roots is None else intel_root_pins_only(intel_roots)
-        self._steps = _dcap.DcapSteps(collateral, cache or CollateralCache(), pins)
+        self._steps = _dcap_steps.DcapSteps(collateral, cache or CollateralCache(), pins)
 
     def verify(self, evidence: bytes, *, now: datetime) -> Claims:
         steps = self._steps
@@ -95,11 +95,11 @@ class SgxVerifier:
         if not cached:
             steps.remember(request, col, tcb, identity, crls)
         # (13) QE Identity match and QE TCB level
-        qe_status, qe_advisories = _dcap.match_qe_identity(qe, identity)
+        qe_status, qe_advisories = _dcap_tcb.match_qe_identity(qe, identity)
         # (14) platform TCB level
-        level = _dcap.match_platform_level(tcb, chain.extension, None)
+        level = _dcap_tcb.match_platform_level(tcb, chain.extension, None)
         # (15) TCB status
-        status = _dcap.final_status([level.status, qe_status])
+        status = _dcap_tcb.final_status([level.status, qe_status])
         # (16) claims
         report = _dcap.SgxReport.parse(quote.body)
         return Claims(

@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
-from cloister.attestation import _dcap
+from cloister.attestation import _dcap, _dcap_steps, _dcap_tcb
 from cloister.attestation._claims import Claims, ClaimValue, Tee
 from cloister.attestation.collateral import CollateralCache, CollateralSource
 from cloister.attestation.sgx import intel_root_pins, intel_root_pins_only
@@ -54,7 +54,7 @@ class TdxVerifier:
         intel_roots: Iterable[bytes] | None = None,
     ) -> None:
         pins = intel_root_pins() if intel_roots is None else intel_root_pins_only(intel_roots)
-        self._steps = _dcap.DcapSteps(collateral, cache or CollateralCache(), pins)
+        self._steps = _dcap_steps.DcapSteps(collateral, cache or CollateralCache(), pins)
 
     def verify(self, evidence: bytes, *, now: datetime) -> Claims:
         steps = self._steps
@@ -82,13 +82,13 @@ class TdxVerifier:
         if not cached:
             steps.remember(request, col, tcb, identity, crls)
         # (13) TD QE identity match and its TCB level
-        qe_status, qe_advisories = _dcap.match_qe_identity(qe, identity)
+        qe_status, qe_advisories = _dcap_tcb.match_qe_identity(qe, identity)
         # (14) platform TCB level, TDX components included
-        level = _dcap.match_platform_level(tcb, chain.extension, report.tee_tcb_svn)
+        level = _dcap_tcb.match_platform_level(tcb, chain.extension, report.tee_tcb_svn)
         # (15) TDX module identity
-        module_status, module_advisories = _dcap.match_tdx_module(tcb, report)
+        module_status, module_advisories = _dcap_tcb.match_tdx_module(tcb, report)
         # (16) TCB status
-        status = _dcap.final_status([level.status, qe_status, module_status])
+        status = _dcap_tcb.final_status([level.status, qe_status, module_status])
         # (17) claims
         values: dict[str, ClaimValue] = {
             "mrtd": report.mr_td.hex(),

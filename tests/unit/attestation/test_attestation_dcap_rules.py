@@ -10,7 +10,16 @@ from datetime import timedelta
 import pytest
 from attestation_vectors import Case, case_named, first_accepted
 
-from cloister.attestation import Tee, _dcap, _x509, collateral, sgx
+from cloister.attestation import (
+    Tee,
+    _dcap,
+    _dcap_collateral,
+    _dcap_steps,
+    _dcap_tcb,
+    _x509,
+    collateral,
+    sgx,
+)
 from cloister.errors import CollateralError, EvidenceError, SignatureError
 
 SGX = first_accepted("sgx")
@@ -23,12 +32,12 @@ class Parsed:
     quote: _dcap.Quote
     chain: _dcap.PckChain
     qe: _dcap.SgxReport
-    tcb: _dcap.TcbInfo
-    identity: _dcap.QeIdentity
+    tcb: _dcap_collateral.TcbInfo
+    identity: _dcap_collateral.QeIdentity
 
 
 def parsed(case: Case) -> Parsed:
-    steps = _dcap.DcapSteps(
+    steps = _dcap_steps.DcapSteps(
         collateral.DirectorySource(case.collateral_dir),
         collateral.CollateralCache(),
         sgx.intel_root_pins(),
@@ -62,19 +71,19 @@ def parsed(case: Case) -> Parsed:
     ],
 )
 def test_statuses_converge_as_the_qvl_does(platform: str, other: str | None, expected: str) -> None:
-    assert _dcap.converge(platform, other) == expected
+    assert _dcap_tcb.converge(platform, other) == expected
 
 
 def test_revoked_is_a_rejection() -> None:
     with pytest.raises(CollateralError) as info:
-        _dcap.final_status(["Revoked"])
+        _dcap_tcb.final_status(["Revoked"])
     assert info.value.reason == "tcb-revoked"
     with pytest.raises(CollateralError) as info:
-        _dcap.final_status(["UpToDate", "Revoked", None])
+        _dcap_tcb.final_status(["UpToDate", "Revoked", None])
     assert info.value.reason == "tcb-revoked"
     with pytest.raises(CollateralError):
-        _dcap.final_status(["NoSuchStatus"])
-    assert _dcap.final_status(["OutOfDate", "UpToDate", None]) == "OutOfDate"
+        _dcap_tcb.final_status(["NoSuchStatus"])
+    assert _dcap_tcb.final_status(["OutOfDate", "UpToDate", None]) == "OutOfDate"
 
 
 # --- platform TCB level -----------------------------------------------------------------------
@@ -82,7 +91,7 @@ def test_revoked_is_a_rejection() -> None:
 
 def test_the_first_level_the_platform_meets_is_chosen() -> None:
     p = parsed(SGX)
-    level = _dcap.match_platform_level(p.tcb, p.chain.extension, None)
+    level = _dcap_tcb.match_platform_level(p.tcb, p.chain.extension, None)
     index = p.tcb.levels.index(level)
     # Every earlier level asks for more than the platform has.
     for earlier in p.tcb.levels[:index]:
@@ -96,21 +105,21 @@ def test_the_first_level_the_platform_meets_is_chosen() -> None:
 
 def test_a_revoked_platform_level_rejects_the_quote() -> None:
     p = parsed(SGX)
-    level = _dcap.match_platform_level(p.tcb, p.chain.extension, None)
+    level = _dcap_tcb.match_platform_level(p.tcb, p.chain.extension, None)
     revoked = dataclasses.replace(level, status="Revoked")
     tcb = dataclasses.replace(p.tcb, levels=(revoked,))
-    chosen = _dcap.match_platform_level(tcb, p.chain.extension, None)
+    chosen = _dcap_tcb.match_platform_level(tcb, p.chain.extension, None)
     with pytest.raises(CollateralError) as info:
-        _dcap.final_status([chosen.status, "UpToDate"])
+        _dcap_tcb.final_status([chosen.status, "UpToDate"])
     assert info.value.reason == "tcb-revoked"
 
 
 def test_a_higher_pcesvn_requirement_does_not_match() -> None:
     p = parsed(SGX)
-    level = _dcap.match_platform_level(p.tcb, p.chain.extension, None)
+    level = _dcap_tcb.match_platform_level(p.tcb, p.chain.extension, None)
     too_high = dataclasses.replace(level, pce_svn=p.chain.extension.pce_svn + 1)
     with pytest.raises(CollateralError) as info:
-        _dcap.match_platform_level(
+        _dcap_tcb.match_platform_level(
             dataclasses.replace(p.tcb, levels=(too_high,)), p.chain.extension, None
         )
     assert info.value.reason == "no-matching-tcb-level"
@@ -120,11 +129,11 @@ def test_a_higher_pcesvn_requirement_does_not_match() -> None:
 def test_tdx_levels_need_tdx_components(case: Case) -> None:
     p = parsed(case)
     report = _dcap.TdReport.parse(p.quote.body)
-    level = _dcap.match_platform_level(p.tcb, p.chain.extension, report.tee_tcb_svn)
+    level = _dcap_tcb.match_platform_level(p.tcb, p.chain.extension, report.tee_tcb_svn)
     assert level.tdx_components is not None
     without = dataclasses.replace(level, tdx_components=None)
     with pytest.raises(CollateralError):
-        _dcap.match_platform_level(
+        _dcap_tcb.match_platform_level(
             dataclasses.replace(p.tcb, levels=(without,)), p.chain.extension, report.tee_tcb_svn
         )
     # Raise the requirement on a component that is always compared (index 2 onwards).
@@ -132,7 +141,7 @@ def test_tdx_levels_need_tdx_components(case: Case) -> None:
     demanding[2] = report.tee_tcb_svn[2] + 1
     raised = dataclasses.replace(level, tdx_components=tuple(demanding))
     with pytest.raises(CollateralError):
-        _dcap.match_platform_level(
+        _dcap_tcb.match_platform_level(
             dataclasses.replace(p.tcb, levels=(raised,)), p.chain.extension, report.tee_tcb_svn
         )
 
@@ -144,24 +153,24 @@ def test_td15_module_identity_is_matched_by_major_version() -> None:
     p = parsed(TDX_V5)
     report = _dcap.TdReport.parse(p.quote.body)
     assert report.tee_tcb_svn[1] > 0
-    status, _ = _dcap.match_tdx_module(p.tcb, report)
+    status, _ = _dcap_tcb.match_tdx_module(p.tcb, report)
     assert status == "UpToDate"
     # Module SVN below every level of its identity: no match.
     old = dataclasses.replace(report, tee_tcb_svn=bytes([0]) + report.tee_tcb_svn[1:])
     with pytest.raises(CollateralError) as info:
-        _dcap.match_tdx_module(p.tcb, old)
+        _dcap_tcb.match_tdx_module(p.tcb, old)
     assert info.value.reason == "no-matching-tcb-level"
     # An identity that is not there.
     unknown = dataclasses.replace(
         report, tee_tcb_svn=report.tee_tcb_svn[:1] + b"\x7f" + report.tee_tcb_svn[2:]
     )
     with pytest.raises(CollateralError) as info:
-        _dcap.match_tdx_module(p.tcb, unknown)
+        _dcap_tcb.match_tdx_module(p.tcb, unknown)
     assert info.value.reason == "tdx-module-mismatch"
     # Another module signer.
     forged = dataclasses.replace(report, mr_signer_seam=b"\x01" * 48)
     with pytest.raises(CollateralError) as info:
-        _dcap.match_tdx_module(p.tcb, forged)
+        _dcap_tcb.match_tdx_module(p.tcb, forged)
     assert info.value.reason == "tdx-module-mismatch"
 
 
@@ -169,14 +178,14 @@ def test_td10_module_is_matched_against_tdx_module() -> None:
     p = parsed(TDX_V4)
     report = _dcap.TdReport.parse(p.quote.body)
     if report.tee_tcb_svn[1] == 0:
-        assert _dcap.match_tdx_module(p.tcb, report) == (None, ())
+        assert _dcap_tcb.match_tdx_module(p.tcb, report) == (None, ())
     forced = dataclasses.replace(
         report, tee_tcb_svn=report.tee_tcb_svn[:1] + b"\x00" + report.tee_tcb_svn[2:]
     )
-    assert _dcap.match_tdx_module(p.tcb, forced) == (None, ())
+    assert _dcap_tcb.match_tdx_module(p.tcb, forced) == (None, ())
     forged = dataclasses.replace(forced, seam_attributes=b"\xff" * 8)
     with pytest.raises(CollateralError):
-        _dcap.match_tdx_module(p.tcb, forged)
+        _dcap_tcb.match_tdx_module(p.tcb, forged)
 
 
 def test_an_outdated_module_makes_the_platform_outdated() -> None:
@@ -187,11 +196,11 @@ def test_an_outdated_module_makes_the_platform_outdated() -> None:
         dataclasses.replace(i, levels=((0, "OutOfDate", ("INTEL-SA-X",)),)) if i.id == wanted else i
         for i in p.tcb.tdx_module_identities
     )
-    status, advisories = _dcap.match_tdx_module(
+    status, advisories = _dcap_tcb.match_tdx_module(
         dataclasses.replace(p.tcb, tdx_module_identities=identities), report
     )
     assert (status, advisories) == ("OutOfDate", ("INTEL-SA-X",))
-    assert _dcap.final_status(["UpToDate", "UpToDate", status]) == "OutOfDate"
+    assert _dcap_tcb.final_status(["UpToDate", "UpToDate", status]) == "OutOfDate"
 
 
 # --- QE identity --------------------------------------------------------------------------------
@@ -199,7 +208,7 @@ def test_an_outdated_module_makes_the_platform_outdated() -> None:
 
 def test_qe_identity_fields_must_match() -> None:
     p = parsed(SGX)
-    assert _dcap.match_qe_identity(p.qe, p.identity)[0] == "UpToDate"
+    assert _dcap_tcb.match_qe_identity(p.qe, p.identity)[0] == "UpToDate"
     for change in (
         {"mrsigner": b"\x00" * 32},
         {"isvprodid": p.identity.isvprodid + 1},
@@ -207,14 +216,14 @@ def test_qe_identity_fields_must_match() -> None:
         {"attributes": bytes(16), "attributes_mask": b"\xff" * 16},
     ):
         with pytest.raises(CollateralError) as info:
-            _dcap.match_qe_identity(p.qe, dataclasses.replace(p.identity, **change))
+            _dcap_tcb.match_qe_identity(p.qe, dataclasses.replace(p.identity, **change))
         assert info.value.reason == "qe-identity-mismatch"
 
 
 def test_a_qe_below_every_level_is_revoked() -> None:
     p = parsed(SGX)
     identity = dataclasses.replace(p.identity, levels=((p.qe.isv_svn + 1, "UpToDate", ()),))
-    assert _dcap.match_qe_identity(p.qe, identity) == ("Revoked", ())
+    assert _dcap_tcb.match_qe_identity(p.qe, identity) == ("Revoked", ())
 
 
 # --- windows ------------------------------------------------------------------------------------
@@ -222,26 +231,22 @@ def test_a_qe_below_every_level_is_revoked() -> None:
 
 def test_collateral_windows_are_half_open_and_crls_closed() -> None:
     p = parsed(SGX)
-    _dcap.check_collateral_windows(
-        p.tcb,
-        p.identity,
-        p.tcb.issue_date if p.tcb.issue_date >= p.identity.issue_date else p.identity.issue_date,
-    )
+    start = max(p.tcb.issue_date, p.identity.issue_date)
+    _dcap_collateral.check_collateral_windows(p.tcb, p.identity, start)
+    later = dataclasses.replace(p.identity, next_update=p.tcb.next_update + timedelta(days=9))
     with pytest.raises(CollateralError) as info:
-        _dcap.check_collateral_windows(
-            p.tcb,
-            dataclasses.replace(p.identity, next_update=p.tcb.next_update + timedelta(days=9)),
-            p.tcb.next_update,
-        )
+        _dcap_collateral.check_collateral_windows(p.tcb, later, p.tcb.next_update)
     assert info.value.reason == "tcb-info-expired"  # nextUpdate itself is outside
-    crl = _dcap.Crl(crl=None, this_update=p.tcb.issue_date, next_update=p.tcb.next_update)  # type: ignore[arg-type]
-    _dcap.check_crl(crl, p.tcb.next_update, name="pck", serial=1)  # nextUpdate itself is inside
+
+    end = p.tcb.next_update
+    crl = _dcap_collateral.Crl(crl=None, this_update=p.tcb.issue_date, next_update=end)  # type: ignore[arg-type]
+    _dcap_collateral.check_crl(crl, end, name="pck", serial=1)  # nextUpdate itself is inside
     with pytest.raises(CollateralError) as info:
-        _dcap.check_crl(crl, p.tcb.next_update + timedelta(seconds=1), name="pck", serial=1)
+        _dcap_collateral.check_crl(crl, end + timedelta(seconds=1), name="pck", serial=1)
     assert info.value.reason == "pck-crl-expired"
     revoking = dataclasses.replace(crl, revoked=frozenset({7}))
     with pytest.raises(CollateralError) as info:
-        _dcap.check_crl(revoking, p.tcb.issue_date, name="pck", serial=7)
+        _dcap_collateral.check_crl(revoking, p.tcb.issue_date, name="pck", serial=7)
     assert info.value.reason == "pck-revoked"
 
 
@@ -282,7 +287,7 @@ def test_tcb_info_v2_is_read_as_sgx() -> None:
         k: v3[k] for k in ("issueDate", "nextUpdate", "fmspc", "pceId", "tcbEvaluationDataNumber")
     }
     v2.update(version=2, tcbType=0, tcbLevels=levels)
-    info = _dcap.parse_tcb_info(json.dumps(v2).encode(), ())
+    info = _dcap_collateral.parse_tcb_info(json.dumps(v2).encode(), ())
     assert info.id == "SGX" and info.version == 2
     assert [lv.sgx_components for lv in info.levels] == [
         tuple(c["svn"] for c in lv["tcb"]["sgxtcbcomponents"]) for lv in v3["tcbLevels"]

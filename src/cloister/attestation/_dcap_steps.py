@@ -1,0 +1,206 @@
+"""The DCAP steps bound to pinned roots, a collateral source and a cache.
+
+``sgx.py`` and ``tdx.py`` call these in the order their docstrings number. Everything that
+does not depend on time is memoized in the ``CollateralCache`` by the exact bytes it was
+computed from; every window is checked against ``now`` on every call.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from cloister.attestation._claims import Tee
+from cloister.attestation._dcap import (
+    PckChain,
+    Quote,
+    SgxReport,
+    build_pck_chain,
+    pck_chain_pem,
+    verify_attestation_key_binding,
+    verify_qe_report,
+    verify_quote_signature,
+)
+from cloister.attestation._dcap_collateral import (
+    Crl,
+    QeIdentity,
+    TcbInfo,
+    check_collateral_windows,
+    check_crl,
+    check_signing_chain_windows,
+    load_crl,
+    parse_qe_identity,
+    parse_tcb_info,
+    verify_signed_json,
+    verify_signing_chain,
+)
+from cloister.attestation.collateral import (
+    CollateralCache,
+    CollateralSource,
+    DcapCollateral,
+    DcapRequest,
+)
+from cloister.errors import CollateralError
+
+
+class DcapSteps:
+    """The DCAP steps, bound to pinned roots, a collateral source and a cache.
+
+    ``sgx.py`` and ``tdx.py`` call these in the order their docstrings number.
+    """
+
+    def __init__(
+        self, source: CollateralSource, cache: CollateralCache, pins: frozenset[str]
+    ) -> None:
+        self.source = source
+        self.cache = cache
+        self.pins = pins
+
+    def pck_chain(self, quote: Quote, tee: Tee) -> PckChain:
+        pem = pck_chain_pem(quote, self.source, tee)
+        return self.cache.memo("pck-chain", pem, lambda: build_pck_chain(pem, self.pins))
+
+    def qe_report(self, quote: Quote, chain: PckChain) -> SgxReport:
+        """QE report signature and attestation-key binding, memoized per (PCK key, QE report)."""
+        material = (
+            chain.fingerprints[0]
+            + quote.qe_report
+            + quote.qe_report_signature
+            + quote.attestation_key
+            + quote.qe_auth_data
+        )
+
+        def check() -> SgxReport:
+            verify_qe_report(quote, chain)
+            verify_attestation_key_binding(quote)
+            return SgxReport.parse(quote.qe_report)
+
+        return self.cache.memo("qe-report", material, check)
+
+    def quote_signature(self, quote: Quote) -> None:
+        verify_quote_signature(quote)
+
+    def tcb_info(self, col: DcapCollateral, tee: Tee, chain: PckChain) -> TcbInfo:
+        body, sig, pem = col.tcb_info_body, col.tcb_info_signature, col.tcb_info_issuer_chain
+        if body is None or sig is None or pem is None:
+            raise CollateralError(
+                "no TCB Info is available for this platform", reason="collateral-missing"
+            )
+
+        def build() -> TcbInfo:
+            signers = verify_signing_chain(pem, self.pins, reason="tcb-info-signature")
+            verify_signed_json(body, sig, signers, reason="tcb-info-signature")
+            try:
+                return parse_tcb_info(body, signers)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CollateralError(
+                    f"TCB Info is malformed: {exc}", reason="malformed-collateral"
+                ) from None
+
+        info = self.cache.memo("tcb-info", pem + b"\0" + sig + body, build)
+        expected_id = "TDX" if tee is Tee.TDX else "SGX"
+        if info.id != expected_id or (tee is Tee.TDX and info.version < 3):
+            raise CollateralError(
+                f"TCB Info is for {info.id}, not {expected_id}", reason="tcb-info-type-mismatch"
+            )
+        # PCS API v4: TCB Info is per FMSPC (and PCE ID); it must be the platform's.
+        if info.fmspc != chain.extension.fmspc:
+            raise CollateralError(
+                f"TCB Info is for FMSPC {info.fmspc.hex()}, the PCK certificate says "
+                f"{chain.extension.fmspc.hex()}",
+                reason="tcb-info-fmspc-mismatch",
+            )
+        if info.pce_id != chain.extension.pce_id:
+            raise CollateralError(
+                "TCB Info is for another PCE ID", reason="tcb-info-pceid-mismatch"
+            )
+        return info
+
+    def qe_identity(self, col: DcapCollateral, tee: Tee) -> QeIdentity:
+        body, sig, pem = (
+            col.qe_identity_body,
+            col.qe_identity_signature,
+            col.qe_identity_issuer_chain,
+        )
+        if body is None or sig is None or pem is None:
+            raise CollateralError("no QE Identity is available", reason="collateral-missing")
+
+        def build() -> QeIdentity:
+            signers = verify_signing_chain(pem, self.pins, reason="qe-identity-signature")
+            verify_signed_json(body, sig, signers, reason="qe-identity-signature")
+            try:
+                return parse_qe_identity(body, signers)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CollateralError(
+                    f"QE Identity is malformed: {exc}", reason="malformed-collateral"
+                ) from None
+
+        identity = self.cache.memo("qe-identity", pem + b"\0" + sig + body, build)
+        expected = "TD_QE" if tee is Tee.TDX else "QE"
+        if identity.id != expected:
+            raise CollateralError(
+                f"QE Identity is for {identity.id}, not {expected}",
+                reason="qe-identity-type-mismatch",
+            )
+        return identity
+
+    def windows(self, tcb: TcbInfo, qe: QeIdentity, now: datetime) -> None:
+        check_collateral_windows(tcb, qe, now)
+        check_signing_chain_windows(tcb.signing_chain, now)
+        check_signing_chain_windows(qe.signing_chain, now)
+
+    def crls(
+        self, col: DcapCollateral, chain: PckChain, tcb: TcbInfo, now: datetime
+    ) -> tuple[Crl, Crl]:
+        """Root CA CRL (signed by the root) and PCK CRL (by the PCK CA): current, not revoking."""
+        root_der, pck_der = col.root_ca_crl, col.pck_crl
+        if root_der is None or pck_der is None:
+            raise CollateralError(
+                "the CRLs for this platform are missing", reason="collateral-missing"
+            )
+        root = self.cache.memo(
+            "root-crl",
+            chain.fingerprints[2] + root_der,
+            lambda: load_crl(root_der, chain.root, what="Intel SGX Root CA CRL"),
+        )
+        pck = self.cache.memo(
+            "pck-crl",
+            chain.fingerprints[1] + pck_der,
+            lambda: load_crl(pck_der, chain.ca, what="PCK CRL"),
+        )
+        check_crl(pck, now, name="pck", serial=chain.leaf.serial_number)
+        check_crl(root, now, name="root", serial=chain.ca.serial_number)
+        for cert in tcb.signing_chain[:-1]:
+            if cert.serial_number in root.revoked:
+                raise CollateralError(
+                    "the TCB signing certificate is revoked", reason="tcb-signing-revoked"
+                )
+        return root, pck
+
+    def remember(
+        self,
+        request: DcapRequest,
+        col: DcapCollateral,
+        tcb: TcbInfo,
+        qe: QeIdentity,
+        crls: tuple[Crl, Crl],
+    ) -> None:
+        """Cache collateral that verified, for the intersection of its windows."""
+        start = max(tcb.issue_date, qe.issue_date, crls[0].this_update, crls[1].this_update)
+        end = min(tcb.next_update, qe.next_update, crls[0].next_update, crls[1].next_update)
+        self.cache.put(("dcap", self.source, request), col, start, end)
+
+    def collateral(
+        self, tee: Tee, chain: PckChain, now: datetime
+    ) -> tuple[DcapRequest, DcapCollateral, bool]:
+        """Collateral from the cache while valid at ``now``, else from the source."""
+        request = DcapRequest(
+            tee=tee,
+            fmspc=chain.extension.fmspc.hex().upper(),
+            pce_id=chain.extension.pce_id.hex().upper(),
+            ca=chain.ca_kind,
+        )
+        # Keyed by source too: one cache may serve verifiers with different sources.
+        cached = self.cache.get(("dcap", self.source, request), now)
+        if isinstance(cached, DcapCollateral):
+            return request, cached, True
+        return request, self.source.dcap_collateral(request), False
