@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import signal
+import socket
 import ssl
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from cloister import limits
 from cloister.attestation import Tee, Verifier, simulated
-from cloister.cas import api
+from cloister.cas import api, ratelimit
 from cloister.cas.identity import Identity, SimulatedSelf
 from cloister.cas.service import Cas, cas_measurement
 from cloister.errors import BackendUnavailable
@@ -35,6 +41,11 @@ class Settings:
     simulation: bool
     db_url: str | None = None
     hostnames: Sequence[str] = ()
+    # Where hardware verifiers get collateral: an offline directory (the layout of a case's
+    # ``collateral/`` folder), else Intel PCS or a PCCS, and AMD KDS.
+    collateral_dir: Path | None = None
+    pccs_url: str | None = None
+    kds_url: str | None = None
 
 
 def hardware_tee_present() -> bool:
@@ -64,7 +75,7 @@ def build(settings: Settings, *, now: datetime | None = None) -> Cas:
         settings.data_dir / "simulation-platform.key"
     )
     verifiers: dict[Tee, Verifier] = {Tee.SIMULATION: simulated.SimulatedVerifier()}
-    verifiers.update(_hardware_verifiers())
+    verifiers.update(hardware_verifiers(settings))
     return Cas(
         store,
         identity,
@@ -73,18 +84,24 @@ def build(settings: Settings, *, now: datetime | None = None) -> Cas:
     )
 
 
-def _hardware_verifiers() -> dict[Tee, Verifier]:
-    """Verifiers for real TEEs, where the attestation package provides them."""
-    from cloister import attestation
+def hardware_verifiers(settings: Settings) -> dict[Tee, Verifier]:
+    """SGX, TDX and SNP verifiers sharing one collateral cache (warm after the first quote)."""
+    from cloister.attestation import collateral, verifier_for
 
-    out: dict[Tee, Verifier] = {}
-    for tee in (Tee.SGX, Tee.TDX, Tee.SNP):
-        if tee in attestation.registered():
-            try:
-                out[tee] = attestation.verifier_for(tee)
-            except (TypeError, ValueError) as exc:
-                log.info("no %s verifier configured: %s", tee.value, exc)
-    return out
+    cache = collateral.CollateralCache()
+    dcap: collateral.CollateralSource
+    amd: collateral.CollateralSource
+    if settings.collateral_dir is not None:
+        dcap = amd = collateral.DirectorySource(settings.collateral_dir)
+    else:
+        pcs, kds = settings.pccs_url, settings.kds_url
+        dcap = collateral.PcsSource(pcs) if pcs else collateral.PcsSource()
+        amd = collateral.KdsSource(kds) if kds else collateral.KdsSource()
+    return {
+        Tee.SGX: verifier_for(Tee.SGX, collateral=dcap, cache=cache),
+        Tee.TDX: verifier_for(Tee.TDX, collateral=dcap, cache=cache),
+        Tee.SNP: verifier_for(Tee.SNP, collateral=amd, cache=cache),
+    }
 
 
 def tls_context(identity: Identity) -> ssl.SSLContext:
@@ -115,18 +132,149 @@ class _TLSConfig(uvicorn.Config):
         self.ssl = self._context
 
 
-def make_server(cas: Cas, host: str, port: int) -> uvicorn.Server:
+@dataclass(frozen=True)
+class ServeOptions:
+    """How the HTTP server treats its clients: rate limits and the slow-client timeouts."""
+
+    rate_limits: ratelimit.RateLimits = field(default_factory=ratelimit.RateLimits)
+    header_timeout: float = limits.HTTP_HEADER_TIMEOUT_SECONDS
+    body_timeout: float = limits.HTTP_BODY_TIMEOUT_SECONDS
+
+
+class _DeadlineH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on request headers (slowloris).
+
+    uvicorn closes idle keep-alive connections, but a client that sends a request one byte at
+    a time, or opens a connection and sends nothing, holds its slot for ever. Here a deadline
+    runs whenever the connection waits for a request's headers: from the connection's start,
+    and from the first byte of each later request. The body has its own deadline in
+    ``api._BodyLimit``.
+    """
+
+    header_timeout: float = limits.HTTP_HEADER_TIMEOUT_SECONDS
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm()  # still waiting for (the rest of) a request's headers
+        else:
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.header_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
+
+
+def _protocol(header_timeout: float) -> type[H11Protocol]:
+    return type("DeadlineH11", (_DeadlineH11,), {"header_timeout": header_timeout})
+
+
+def make_server(
+    cas: Cas, host: str, port: int, options: ServeOptions | None = None
+) -> uvicorn.Server:
+    options = options or ServeOptions()
     config = _TLSConfig(
-        api.create_app(cas),
+        api.create_app(cas, rate_limits=options.rate_limits, body_timeout=options.body_timeout),
         tls_context(cas.identity),
         host=host,
         port=port,
+        http=_protocol(options.header_timeout),
         log_level="warning",
         access_log=False,
-        timeout_keep_alive=5,
-        limit_concurrency=2048,
+        timeout_keep_alive=limits.HTTP_KEEP_ALIVE_SECONDS,
+        limit_concurrency=limits.MAX_HTTP_CONNECTIONS,
+        h11_max_incomplete_event_size=limits.MAX_HTTP_HEADER_BYTES,
     )
     return uvicorn.Server(config)
+
+
+def serve(
+    settings: Settings, host: str, port: int, *, workers: int, options: ServeOptions
+) -> None:
+    """Serve with ``workers`` processes that share one listening socket and nothing else.
+
+    Each worker builds its own ``Cas`` (store connections, caches, rate-limit buckets) from
+    ``settings`` after the fork; what they share is what the store shares. The parent creates
+    the data directory, keys and identity once first, so that no two workers race to create
+    them, then only forwards SIGTERM/SIGINT and waits. If a worker dies, the others are
+    stopped and the CAS exits non-zero, for its supervisor (Kubernetes) to restart it.
+    """
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    if workers == 1:
+        make_server(build(settings), host, port, options).run()
+        return
+    build(settings).store.close()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(limits.MAX_HTTP_CONNECTIONS)
+    sock.set_inheritable(True)
+    pids: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                make_server(build(settings), host, port, options).run(sockets=[sock])
+            except BaseException:  # a worker reports and exits, never returns to the parent's code
+                log.exception("CAS worker %d failed", os.getpid())
+                code = 1
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    sock.close()
+    _supervise(pids)
+
+
+def _supervise(pids: list[int]) -> None:
+    alive = set(pids)
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = 0
+    while alive:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        alive.discard(pid)
+        if not stopping:
+            log.error("CAS worker %d exited (%d); stopping the others", pid, code)
+            status = 1
+            stop(signal.SIGTERM, None)
+    if status:
+        raise SystemExit(status)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import os
 import secrets
 import ssl
 from datetime import UTC, datetime
@@ -14,8 +15,9 @@ import typer
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from cloister import limits
 from cloister.attestation import Tee, binding, simulated
-from cloister.cas import server
+from cloister.cas import ratelimit, server
 from cloister.cli._errors import handle_errors, usage_error
 from cloister.client import CasClient, fingerprint, pin_path
 from cloister.errors import AccessDenied, AppraisalError, BackendUnavailable
@@ -33,23 +35,76 @@ def serve(
     ),
     db: str | None = typer.Option(None, "--db", help="database URL (default: SQLite in DATA_DIR)"),
     hostname: list[str] = typer.Option([], "--hostname", help="extra DNS name for the certificate"),
+    collateral_dir: Path | None = typer.Option(
+        None, "--collateral", help="offline collateral directory for SGX/TDX/SNP verification"
+    ),
+    pccs_url: str | None = typer.Option(None, "--pccs-url", help="Intel PCS or PCCS (API v4)"),
+    kds_url: str | None = typer.Option(None, "--kds-url", help="AMD KDS base URL"),
+    workers: int = typer.Option(
+        os.cpu_count() or 1, "--workers", min=1, help="worker processes (default: one per core)"
+    ),
+    activation_rate: float = typer.Option(
+        limits.ACTIVATION_RATE_PER_SECOND,
+        "--activation-rate",
+        min=0,
+        help="nonce and activate requests per second per client IP, per worker (0: no limit)",
+    ),
+    activation_burst: int = typer.Option(limits.ACTIVATION_BURST, "--activation-burst", min=1),
+    session_rate: float = typer.Option(
+        limits.SESSION_RATE_PER_SECOND,
+        "--session-rate",
+        min=0,
+        help="session requests per second per client IP, per worker (0: no limit)",
+    ),
+    session_burst: int = typer.Option(limits.SESSION_BURST, "--session-burst", min=1),
+    header_timeout: float = typer.Option(
+        limits.HTTP_HEADER_TIMEOUT_SECONDS,
+        "--header-timeout",
+        min=0.1,
+        help="seconds a client may take to send a request's headers",
+    ),
+    body_timeout: float = typer.Option(
+        limits.HTTP_BODY_TIMEOUT_SECONDS,
+        "--body-timeout",
+        min=0.1,
+        help="seconds a client may take to send a request's body",
+    ),
 ) -> None:
-    """Serve the CAS over HTTPS (TLS 1.3 only)."""
+    """Serve the CAS over HTTPS (TLS 1.3 only).
+
+    Rate limits are token buckets kept in each worker process: with W workers a client can
+    reach up to W times the rate.
+    """
     try:
         host, port = server.parse_listen(listen)
     except ValueError as exc:
         raise usage_error(str(exc)) from None
-    cas = server.build(
-        server.Settings(data_dir=data_dir, simulation=simulation, db_url=db, hostnames=hostname)
+    settings = server.Settings(
+        data_dir=data_dir,
+        simulation=simulation,
+        db_url=db,
+        hostnames=hostname,
+        collateral_dir=collateral_dir,
+        pccs_url=pccs_url,
+        kds_url=kds_url,
     )
+    options = server.ServeOptions(
+        rate_limits=ratelimit.RateLimits(
+            activation=ratelimit.Rate(activation_rate, activation_burst),
+            session=ratelimit.Rate(session_rate, session_burst),
+        ),
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+    )
+    identity = server.build(settings).identity
     if simulation:
         typer.secho(server.SIMULATION_BANNER, fg="yellow", err=True)
     typer.echo(
-        f"CAS listening on https://{host}:{port} "
-        f"(identity {fingerprint(cas.identity.cert_pem())[:16]})",
+        f"CAS listening on https://{host}:{port} with {workers} worker(s) "
+        f"(identity {fingerprint(identity.cert_pem())[:16]})",
         err=True,
     )
-    server.make_server(cas, host, port).run()
+    server.serve(settings, host, port, workers=workers, options=options)
 
 
 @app.command("attest")

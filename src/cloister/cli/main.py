@@ -32,6 +32,9 @@ def _register_core() -> None:
     app.add_typer(keys.app, name="keys")
     app.add_typer(cas.app, name="cas")
     app.add_typer(session.app, name="session")
+    from cloister.cli import explain
+
+    session.app.command("explain")(explain.explain)
     app.command("measure")(measure.measure)
     app.command(
         "run",

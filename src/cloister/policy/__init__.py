@@ -22,7 +22,7 @@ from cloister.policy._rules import AllOf, AnyOf, Rule, compile_alternative
 from cloister.session import Service
 from cloister.session._models import AttestationSecurity
 
-__all__ = ["AllOf", "AnyOf", "Appraisal", "Rule", "appraise", "tcb_status_allowed"]
+__all__ = ["AllOf", "AnyOf", "Appraisal", "Rule", "appraise", "explain", "tcb_status_allowed"]
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +100,21 @@ def appraise(claims: Claims, service: Service, security: AttestationSecurity) ->
                     reason="advisory-not-ignored",
                 )
     return Appraisal(service.name, claims.tee, index, tuple(used))
+
+
+def explain(claims: Claims, service: Service, security: AttestationSecurity) -> list[str]:
+    """Why ``claims`` would be refused for ``service``, one line per reason; empty if accepted.
+
+    For the owner's eyes only (``cloister session explain``): it names expected and actual
+    measurements, which an unauthenticated caller of the CAS is never told.
+    """
+    try:
+        appraise(claims, service, security)
+    except AppraisalError as exc:
+        lines = [f"refused: {exc.message} [{exc.reason}]"]
+        if exc.reason == "measurement-mismatch":
+            for i, alt in enumerate(service.attestation):
+                why = compile_alternative(alt).why_not(claims)
+                lines.append(f"  attestation[{i}] ({alt.tee}): {why}")
+        return lines
+    return []

@@ -12,6 +12,8 @@ from cloister.session import Attestation
 class Rule(Protocol):
     def holds(self, claims: Claims) -> bool: ...
 
+    def why_not(self, claims: Claims) -> str: ...
+
 
 @dataclass(frozen=True)
 class IsTee:
@@ -19,6 +21,9 @@ class IsTee:
 
     def holds(self, claims: Claims) -> bool:
         return claims.tee is self.tee
+
+    def why_not(self, claims: Claims) -> str:
+        return f"the evidence is {claims.tee.value}, the alternative wants {self.tee.value}"
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,10 @@ class OneOf:
         value = claims.values.get(self.key)
         return isinstance(value, str) and value.lower() in self.allowed
 
+    def why_not(self, claims: Claims) -> str:
+        allowed = ", ".join(sorted(self.allowed))
+        return f"{self.key} is {claims.values.get(self.key)}, the session allows {allowed}"
+
 
 @dataclass(frozen=True)
 class Equals:
@@ -42,6 +51,9 @@ class Equals:
         value = claims.values.get(self.key)
         return type(value) is type(self.expected) and value == self.expected
 
+    def why_not(self, claims: Claims) -> str:
+        return f"{self.key} is {claims.values.get(self.key)}, the session wants {self.expected}"
+
 
 @dataclass(frozen=True)
 class AtLeast:
@@ -51,6 +63,11 @@ class AtLeast:
     def holds(self, claims: Claims) -> bool:
         value = claims.values.get(self.key)
         return isinstance(value, int) and not isinstance(value, bool) and value >= self.floor
+
+    def why_not(self, claims: Claims) -> str:
+        return (
+            f"{self.key} is {claims.values.get(self.key)}, the session wants at least {self.floor}"
+        )
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,9 @@ class AllOf:
 
     def holds(self, claims: Claims) -> bool:
         return all(r.holds(claims) for r in self.rules)
+
+    def why_not(self, claims: Claims) -> str:
+        return "; ".join(r.why_not(claims) for r in self.rules if not r.holds(claims))
 
 
 @dataclass(frozen=True)
