@@ -1,67 +1,77 @@
-"""Encrypted, crash-safe state of the CAS: SQLite by default, PostgreSQL for availability.
+"""Encrypted, rollback-evident, crash-safe state of the CAS: SQLite by default, PostgreSQL for HA.
 
-One ``Store`` over SQLAlchemy Core serves both backends with the same schema. Every value is
-sealed (``_seal.Keyring``) with the row's identity as associated data; names and hashes stay
-in clear so that the database can index them. Writes are single transactions; SQLite runs in
-WAL mode with ``synchronous=FULL`` so an acknowledged write survives a crash.
+One ``Store`` over SQLAlchemy Core serves both backends with the same schema, created and
+migrated by the Alembic revisions in ``migrations/``. Every value is sealed
+(``_seal.Keyring``) with the row's identity as associated data; names and hashes stay in clear
+so that the database can index them. Writes are single transactions; SQLite runs in WAL mode
+with ``synchronous=FULL`` so an acknowledged write survives a crash.
+
+Rollback and tamper evidence (``_chain``): every change to a protected row appends an entry to
+a MAC'd hash chain in the same transaction. ``open`` replays the whole chain, checks every row
+against it and against the signed head kept outside the database (``HeadFile``); every read
+that matters checks the row it returns against the verified chain and first follows the chain
+forward (changes made by other replicas), checking that it still contains the head this
+process knows. Any mismatch raises ``RollbackError`` and the store refuses every later call:
+it never hands out an old or edited value.
 
 What it does not do: decide anything. Access control, predecessors and policy live in the CAS;
-the store only makes their outcome durable and atomic (e.g. exactly one update wins a race).
+the store only makes their outcome durable, atomic and evident (e.g. exactly one update wins a
+race). Nonces are not chained: they are short-lived and a replayed nonce only lets a request
+that is bound to an ephemeral key be answered again, sealed to that same key.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
-from cloister.errors import BackendUnavailable, ConflictError, NotFound
+from cloister.errors import BackendUnavailable, ConflictError, NotFound, RollbackError
+from cloister.store import _audit, _chain
+from cloister.store._chain import ChainKeys, ChainState, Entry, Head, HeadFile, tampered
+from cloister.store._schema import (
+    PROTECTED,
+    audit_t,
+    changes_t,
+    kit_t,
+    meta_t,
+    metadata,
+    nonces_t,
+    secrets_t,
+    sessions_t,
+)
 from cloister.store._seal import KEY_BYTES, Keyring
 
-__all__ = ["KEY_BYTES", "Keyring", "SessionRecord", "Store", "load_or_create_key"]
+__all__ = [
+    "KEY_BYTES",
+    "AuditRecord",
+    "Head",
+    "HeadFile",
+    "Keyring",
+    "SessionRecord",
+    "Store",
+    "load_or_create_key",
+    "metadata",
+    "write_key",
+]
 
-metadata = sa.MetaData()
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-meta_t = sa.Table(
-    "meta",
-    metadata,
-    sa.Column("k", sa.String(128), primary_key=True),
-    sa.Column("v", sa.LargeBinary, nullable=False),
-)
-sessions_t = sa.Table(
-    "sessions",
-    metadata,
-    sa.Column("name", sa.String(512), primary_key=True),
-    sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("hash", sa.String(64), nullable=False),
-    sa.Column("creator", sa.String(128), nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("document", sa.LargeBinary, nullable=False),
-)
-secrets_t = sa.Table(
-    "secrets",
-    metadata,
-    sa.Column("session", sa.String(512), primary_key=True),
-    sa.Column("name", sa.String(128), primary_key=True),
-    sa.Column("kind", sa.String(32), nullable=False),
-    sa.Column("value", sa.LargeBinary, nullable=False),
-)
-nonces_t = sa.Table(
-    "nonces",
-    metadata,
-    sa.Column("nonce", sa.String(128), primary_key=True),
-    sa.Column("expires_at", sa.Float, nullable=False),
-    sa.Column("used", sa.Boolean, nullable=False, default=False),
-)
+# How often one read or write starts over because another writer moved the chain meanwhile.
+_MAX_ATTEMPTS = 200
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,27 @@ class SessionRecord:
     document: bytes
 
 
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit entry: its body (JSON object), hash and signature."""
+
+    body: dict[str, Any]
+    hash: bytes
+    signature: bytes
+
+
+def write_key(path: Path, key: bytes) -> None:
+    """Write a store key file (mode 0600) atomically, fsynced."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
 def load_or_create_key(path: Path) -> bytes:
     """The store key in ``path``, created (mode 0600, atomically) when missing."""
     if path.exists():
@@ -81,18 +112,14 @@ def load_or_create_key(path: Path) -> bytes:
             raise ValueError(f"{path} does not hold a {KEY_BYTES}-byte store key")
         return key
     key = Keyring.new_key()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "wb") as f:
-        f.write(key)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_key(path, key)
     return key
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    # The driver's own transaction handling is off: we say BEGIN ourselves (below), so that a
+    # read transaction is one snapshot and a write transaction takes the write lock up front.
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
@@ -101,83 +128,433 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _sqlite_begin(conn: Connection) -> None:
+    write = conn.get_execution_options().get("cloister_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 10, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    if url.startswith("postgresql://"):
+        url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+    if not url.startswith("postgresql+psycopg://"):
+        raise ValueError("the store URL must be sqlite:///PATH or postgresql://...")
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision; safe when several CAS start at once."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+    with engine.connect() as conn:
+        conn.execution_options(cloister_write=True)
+        with conn.begin():
+            if engine.dialect.name == "postgresql":
+                # One migrator at a time across replicas; released at commit.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7262011)"))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+
+class _ChainMoved(Exception):
+    """Another writer extended the chain first; sync and try again."""
+
+
+class _Retry(Exception):
+    """This read's snapshot predates a change another thread already verified."""
+
+
+@dataclass(frozen=True)
+class _Put:
+    table: str
+    key: str
+    digest: bytes
+    statements: tuple[sa.Executable, ...]
+
+
+def _session_key(name: str, version: int) -> str:
+    return json.dumps([name, version], ensure_ascii=True)
+
+
+def _secret_key(session: str, name: str) -> str:
+    return json.dumps([session, name], ensure_ascii=True)
+
+
+def _digest_of(table: str, row: Any) -> tuple[str, bytes]:
+    """The chain key and digest of a row of a protected table, as read from the database."""
+    if table == "meta":
+        key, fields = row.k, [row.v]
+    elif table == "kit":
+        key, fields = row.k, [row.v]
+    elif table == "sessions":
+        key = _session_key(row.name, row.version)
+        fields = [row.hash, row.creator, repr(float(row.created_at)), row.document]
+    elif table == "secrets":
+        key, fields = _secret_key(row.session, row.name), [row.kind, row.value]
+    elif table == "audit":
+        key, fields = f"{row.seq}/{row.hash}", [row.body]
+    else:  # pragma: no cover - PROTECTED lists the tables above
+        raise ValueError(table)
+    return key, _chain.row_digest(table, key, fields)
+
+
+_TABLES: dict[str, sa.Table] = {
+    "meta": meta_t,
+    "kit": kit_t,
+    "sessions": sessions_t,
+    "secrets": secrets_t,
+    "audit": audit_t,
+}
+
+
 class Store:
     """The CAS's persistent state. Thread-safe; share one per process."""
 
-    def __init__(self, engine: Engine, keyring: Keyring) -> None:
+    def __init__(
+        self, engine: Engine, keyring: Keyring, *, head_file: HeadFile | None = None
+    ) -> None:
         self._engine = engine
         self._keys = keyring
+        self._chain_keys = ChainKeys(keyring.keys)
+        self._head_file = head_file
+        self._state = ChainState()
+        self._lock = threading.Lock()  # guards _state and the head file
+        self._write_lock = threading.Lock()  # one chained writer per process
+        self._pg = engine.dialect.name == "postgresql"
+        self.failure: str | None = None
+        # Called with (operation, seconds) after every database transaction (metrics).
+        self.observe: Callable[[str, float], None] | None = None
 
     @classmethod
-    def open(cls, url: str, keyring: Keyring) -> Store:
-        """Open (and create the schema of) the database at ``url``."""
-        if url.startswith("sqlite"):
-            engine = sa.create_engine(url, connect_args={"timeout": 10})
-            event.listen(engine, "connect", _sqlite_pragmas)
-        else:
-            url = url.replace("postgresql://", "postgresql+psycopg://", 1)
-            engine = sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    def open(
+        cls,
+        url: str,
+        keyring: Keyring,
+        *,
+        head_file: HeadFile | Path | None = None,
+        verify: bool = True,
+    ) -> Store:
+        """Open the database at ``url``: migrate its schema, verify its chain and every row.
+
+        ``head_file`` is the signed head this CAS keeps outside the database; without one
+        (e.g. in unit tests) only the database's internal consistency is checked.
+        """
+        engine = _engine(url)
         try:
-            metadata.create_all(engine)
-        except OperationalError as exc:
+            migrate(engine)
+        except (OperationalError, InterfaceError) as exc:
+            engine.dispose()
             raise BackendUnavailable(f"cannot open the store: {exc.orig}") from None
-        return cls(engine, keyring)
+        if isinstance(head_file, Path):
+            head_file = HeadFile(head_file)
+        store = cls(engine, keyring, head_file=head_file)
+        if verify:
+            try:
+                store.verify()
+            except BaseException:
+                engine.dispose()
+                raise
+        return store
 
     @classmethod
-    def sqlite(cls, path: Path, keyring: Keyring) -> Store:
-        return cls.open(f"sqlite:///{path}", keyring)
+    def sqlite(cls, path: Path, keyring: Keyring, *, head_file: Path | None = None) -> Store:
+        return cls.open(f"sqlite:///{path}", keyring, head_file=head_file)
+
+    @property
+    def dialect(self) -> str:
+        return self._engine.dialect.name
 
     def close(self) -> None:
         self._engine.dispose()
 
-    @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        try:
-            with self._engine.begin() as conn:
-                yield conn
-        except OperationalError as exc:
-            raise BackendUnavailable(f"the store is unavailable: {exc.orig}") from None
+    # --- transactions ------------------------------------------------------------------------
 
-    # --- meta: the CAS's own keys and settings ---------------------------------------------
+    @contextmanager
+    def _tx(self, op: str, *, write: bool) -> Iterator[Connection]:
+        t0 = time.perf_counter()
+        try:
+            with self._engine.connect() as conn:
+                if write:
+                    conn.execution_options(cloister_write=True)
+                elif self._pg:
+                    # One snapshot for the chain and the rows it vouches for.
+                    conn.execution_options(isolation_level="REPEATABLE READ")
+                with conn.begin():
+                    yield conn
+        except (OperationalError, InterfaceError) as exc:
+            raise BackendUnavailable(f"the store is unavailable: {exc.orig}") from None
+        finally:
+            if self.observe is not None:
+                self.observe(op, time.perf_counter() - t0)
+
+    def _refuse_if_failed(self) -> None:
+        if self.failure is not None:
+            raise RollbackError(f"the store refuses to serve: {self.failure}", reason="rollback")
+
+    def _fail(self, exc: RollbackError) -> RollbackError:
+        if self.failure is None:
+            self.failure = exc.message
+            log.error("%s; the CAS refuses to serve", exc.message)
+        return exc
+
+    def health(self) -> None:
+        """Raise unless the store is intact and reachable (for readiness probes)."""
+        self._refuse_if_failed()
+        with self._tx("health", write=False) as c:
+            c.execute(sa.select(sa.literal(1))).scalar_one()
+
+    # --- the chain ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _entry(row: Any) -> Entry:
+        return Entry(row.seq, row.prev, row.tbl, row.key, row.digest, row.hash, row.mac)
+
+    def verify(self) -> Head:
+        """Replay the whole chain, check every protected row and the signed head; keep it."""
+        try:
+            return self._verify()
+        except RollbackError as exc:
+            raise self._fail(exc) from None
+
+    def _verify(self) -> Head:
+        state = ChainState()
+        with self._tx("verify", write=False) as c:
+            for row in c.execute(sa.select(changes_t).order_by(changes_t.c.seq)):
+                state.apply(self._entry(row), self._chain_keys)
+            seen: set[tuple[str, str]] = set()
+            for table in PROTECTED:
+                for row in c.execute(sa.select(_TABLES[table])):
+                    key, digest = _digest_of(table, row)
+                    known = state.rows.get((table, key))
+                    if known is None:
+                        raise tampered(f"a {table} row that no change recorded ({_show(key)})")
+                    if known[1] != digest:
+                        raise tampered(f"the {table} row {_show(key)} was edited or replaced")
+                    seen.add((table, key))
+            missing = set(state.rows) - seen
+            if missing:
+                table, key = sorted(missing)[0]
+                raise tampered(f"{len(missing)} row(s) were deleted, e.g. {table} {_show(key)}")
+        self._check_head_file(state)
+        with self._lock:
+            self._state = state
+            self._save_head()
+        log.info("store verified: %d changes, head %s", state.head_seq, state.head_hash.hex()[:16])
+        return Head(state.head_seq, state.head_hash)
+
+    def _check_head_file(self, state: ChainState) -> None:
+        if self._head_file is None:
+            return
+        head = self._head_file.read(self._chain_keys)
+        if head is None:
+            if state.head_seq > 0:
+                raise tampered(
+                    f"the database holds {state.head_seq} changes but there is no state head at "
+                    f"{self._head_file.path} (restore it, or recover this CAS explicitly)"
+                )
+            return
+        if state.head_seq < head.seq:
+            raise tampered(
+                f"the database ends at change {state.head_seq}, but this CAS has seen change "
+                f"{head.seq}: the database was restored to an older state"
+            )
+        if state.hash_at(head.seq) != head.hash:
+            raise tampered(
+                f"change {head.seq} in the database is not the one this CAS signed: "
+                "the database was replaced or forked"
+            )
+
+    def _save_head(self) -> None:
+        # Caller holds self._lock.
+        if self._head_file is not None:
+            self._head_file.write(
+                Head(self._state.head_seq, self._state.head_hash), self._chain_keys
+            )
+
+    def head(self) -> Head:
+        with self._lock:
+            return Head(self._state.head_seq, self._state.head_hash)
+
+    def _sync(self, c: Connection) -> int:
+        """Follow the chain forward within ``c``'s snapshot; return the snapshot's head seq."""
+        with self._lock:
+            known_seq, known_hash = self._state.head_seq, self._state.head_hash
+        rows = [
+            self._entry(r)
+            for r in c.execute(
+                sa.select(changes_t)
+                .where(changes_t.c.seq >= max(known_seq, 1))
+                .order_by(changes_t.c.seq)
+            )
+        ]
+        if known_seq > 0:
+            if not rows or rows[0].seq != known_seq or rows[0].hash != known_hash:
+                raise tampered(
+                    f"the database no longer holds change {known_seq} that this CAS has seen: "
+                    "it was restored to an older state or replaced"
+                )
+            rows = rows[1:]
+        if rows:
+            with self._lock:
+                for e in rows:
+                    if e.seq <= self._state.head_seq:
+                        if self._state.hash_at(e.seq) != e.hash:
+                            raise tampered(f"change {e.seq} differs between two reads")
+                        continue
+                    self._state.apply(e, self._chain_keys)
+                self._save_head()
+            return rows[-1].seq
+        return known_seq
+
+    def _expect(self, table: str, key: str, snap: int, digest: bytes | None) -> None:
+        """Check a row (its digest, or None if absent) against the verified chain."""
+        with self._lock:
+            known = self._state.rows.get((table, key))
+        if known is None:
+            if digest is not None:
+                raise tampered(f"a {table} row that no change recorded ({_show(key)})")
+            return
+        seq, want = known
+        if seq > snap:
+            raise _Retry
+        if digest is None:
+            raise tampered(f"the {table} row {_show(key)} was deleted")
+        if digest != want:
+            raise tampered(f"the {table} row {_show(key)} was edited, replaced or rolled back")
+
+    def _read(self, op: str, fn: Callable[[Connection, int], T]) -> T:
+        self._refuse_if_failed()
+        try:
+            for _ in range(_MAX_ATTEMPTS):
+                try:
+                    with self._tx(op, write=False) as c:
+                        snap = self._sync(c)
+                        return fn(c, snap)
+                except _Retry:
+                    continue
+        except RollbackError as exc:
+            raise self._fail(exc) from None
+        raise BackendUnavailable("the store changed too fast to read a consistent view")
+
+    def _write(self, op: str, puts: Callable[[], Sequence[_Put]]) -> None:
+        """Apply ``puts`` and their chain entries in one transaction, as the chain's next links.
+
+        ``puts`` is called again for every attempt (the audit log links to the newest entry).
+        An ``IntegrityError`` of the rows themselves reaches the caller; the chain's own
+        conflicts (another replica wrote first) are retried after following the chain.
+        """
+        self._refuse_if_failed()
+        with self._write_lock:
+            try:
+                for _ in range(_MAX_ATTEMPTS):
+                    with self._tx(op + "-sync", write=False) as c:
+                        self._sync(c)
+                    with self._lock:
+                        seq, prev = self._state.head_seq, self._state.head_hash
+                    batch = puts()
+                    entries = []
+                    for p in batch:
+                        seq += 1
+                        e = self._chain_keys.entry(seq, prev, p.table, p.key, p.digest)
+                        entries.append(e)
+                        prev = e.hash
+                    try:
+                        with self._tx(op, write=True) as c:
+                            try:
+                                c.execute(
+                                    sa.insert(changes_t),
+                                    [
+                                        {
+                                            "seq": e.seq,
+                                            "prev": e.prev,
+                                            "tbl": e.table,
+                                            "key": e.key,
+                                            "digest": e.digest,
+                                            "hash": e.hash,
+                                            "mac": e.mac,
+                                        }
+                                        for e in entries
+                                    ],
+                                )
+                            except IntegrityError:
+                                raise _ChainMoved from None
+                            for p in batch:
+                                for stmt in p.statements:
+                                    c.execute(stmt)
+                    except _ChainMoved:
+                        continue
+                    with self._lock:
+                        for e in entries:
+                            if e.seq > self._state.head_seq:
+                                self._state.apply(e, self._chain_keys)
+                        self._save_head()
+                    return
+            except RollbackError as exc:
+                raise self._fail(exc) from None
+        raise BackendUnavailable("too many concurrent writers; try again")
+
+    # --- meta: the CAS's own keys and settings -----------------------------------------------
 
     def get_meta(self, k: str) -> bytes | None:
-        with self._tx() as c:
-            row = c.execute(sa.select(meta_t.c.v).where(meta_t.c.k == k)).first()
-        return None if row is None else self._keys.open(row[0], f"meta/{k}".encode())
+        def read(c: Connection, snap: int) -> bytes | None:
+            row = c.execute(sa.select(meta_t).where(meta_t.c.k == k)).first()
+            self._expect("meta", k, snap, None if row is None else _digest_of("meta", row)[1])
+            return None if row is None else self._keys.open(row.v, f"meta/{k}".encode())
+
+        return self._read("get-meta", read)
 
     def get_or_create_meta(self, k: str, make: Callable[[], bytes]) -> bytes:
         existing = self.get_meta(k)
         if existing is not None:
             return existing
+        sealed = self._keys.seal(make(), f"meta/{k}".encode())
+        digest = _chain.row_digest("meta", k, [sealed])
         try:
-            with self._tx() as c:
-                c.execute(
-                    sa.insert(meta_t).values(k=k, v=self._keys.seal(make(), f"meta/{k}".encode()))
-                )
+            self._write(
+                "create-meta",
+                lambda: [_Put("meta", k, digest, (sa.insert(meta_t).values(k=k, v=sealed),))],
+            )
         except IntegrityError:
             pass  # another process created it first; theirs is the value
         value = self.get_meta(k)
         assert value is not None
         return value
 
-    # --- sessions --------------------------------------------------------------------------
+    # --- sessions ----------------------------------------------------------------------------
 
     def _aad(self, name: str, version: int) -> bytes:
         return f"sessions/{name}/{version}".encode()
 
+    def _session_put(
+        self, name: str, version: int, hash_: str, creator: str, document: bytes
+    ) -> _Put:
+        created_at = time.time()
+        sealed = self._keys.seal(document, self._aad(name, version))
+        key = _session_key(name, version)
+        digest = _chain.row_digest(
+            "sessions", key, [hash_, creator, repr(float(created_at)), sealed]
+        )
+        stmt = sa.insert(sessions_t).values(
+            name=name,
+            version=version,
+            hash=hash_,
+            creator=creator,
+            created_at=created_at,
+            document=sealed,
+        )
+        return _Put("sessions", key, digest, (stmt,))
+
     def create_session(self, name: str, hash_: str, creator: str, document: bytes) -> None:
+        put = self._session_put(name, 1, hash_, creator, document)
         try:
-            with self._tx() as c:
-                c.execute(
-                    sa.insert(sessions_t).values(
-                        name=name,
-                        version=1,
-                        hash=hash_,
-                        creator=creator,
-                        created_at=time.time(),
-                        document=self._keys.seal(document, self._aad(name, 1)),
-                    )
-                )
+            self._write("create-session", lambda: [put])
         except IntegrityError:
             raise ConflictError(
                 f"session {name!r} exists already", reason="session-exists"
@@ -194,18 +571,9 @@ class Store:
                 reason="stale-predecessor",
             )
         version = current.version + 1
+        put = self._session_put(name, version, hash_, current.creator, document)
         try:
-            with self._tx() as c:
-                c.execute(
-                    sa.insert(sessions_t).values(
-                        name=name,
-                        version=version,
-                        hash=hash_,
-                        creator=current.creator,
-                        created_at=time.time(),
-                        document=self._keys.seal(document, self._aad(name, version)),
-                    )
-                )
+            self._write("update-session", lambda: [put])
         except IntegrityError:
             # The primary key (name, version) let another update of the same predecessor win.
             raise ConflictError(
@@ -215,55 +583,82 @@ class Store:
         return version
 
     def current_session(self, name: str) -> SessionRecord | None:
-        with self._tx() as c:
+        def read(c: Connection, snap: int) -> SessionRecord | None:
             row = c.execute(
                 sa.select(sessions_t)
                 .where(sessions_t.c.name == name)
                 .order_by(sessions_t.c.version.desc())
                 .limit(1)
             ).first()
-        if row is None:
-            return None
-        doc = self._keys.open(row.document, self._aad(row.name, row.version))
-        return SessionRecord(row.name, row.version, row.hash, row.creator, doc)
+            with self._lock:
+                newest = self._state.versions.get(name)
+            if newest is not None and newest[0] > snap:
+                raise _Retry
+            if row is None:
+                if newest is not None:
+                    raise tampered(f"session {name!r} was deleted")
+                return None
+            if newest is None or newest[1] != row.version:
+                raise tampered(
+                    f"session {name!r} is at version {row.version} in the database, but the "
+                    f"chain says {newest[1] if newest else 'it does not exist'}"
+                )
+            key, digest = _digest_of("sessions", row)
+            self._expect("sessions", key, snap, digest)
+            doc = self._keys.open(row.document, self._aad(row.name, row.version))
+            return SessionRecord(row.name, row.version, row.hash, row.creator, doc)
+
+        return self._read("read-session", read)
 
     def session_names(self) -> list[str]:
-        with self._tx() as c:
+        with self._tx("session-names", write=False) as c:
             return [r[0] for r in c.execute(sa.select(sessions_t.c.name).distinct())]
 
-    # --- secrets ---------------------------------------------------------------------------
+    def count_sessions(self) -> int:
+        with self._lock:
+            return len(self._state.versions)
+
+    # --- secrets -----------------------------------------------------------------------------
 
     def get_secret(self, session: str, name: str) -> tuple[str, bytes] | None:
-        with self._tx() as c:
+        def read(c: Connection, snap: int) -> tuple[str, bytes] | None:
             row = c.execute(
-                sa.select(secrets_t.c.kind, secrets_t.c.value).where(
-                    secrets_t.c.session == session, secrets_t.c.name == name
-                )
+                sa.select(secrets_t).where(secrets_t.c.session == session, secrets_t.c.name == name)
             ).first()
-        if row is None:
-            return None
-        return row.kind, self._keys.open(row.value, f"secrets/{session}/{name}/{row.kind}".encode())
+            key = _secret_key(session, name)
+            self._expect(
+                "secrets", key, snap, None if row is None else _digest_of("secrets", row)[1]
+            )
+            if row is None:
+                return None
+            aad = f"secrets/{session}/{name}/{row.kind}".encode()
+            return row.kind, self._keys.open(row.value, aad)
+
+        return self._read("get-secret", read)
+
+    def _secret_put(
+        self, session: str, name: str, kind: str, value: bytes, *, replace: bool
+    ) -> _Put:
+        aad = f"secrets/{session}/{name}/{kind}".encode()
+        sealed = self._keys.seal(value, aad)
+        key = _secret_key(session, name)
+        where = (secrets_t.c.session == session, secrets_t.c.name == name)
+        ins = sa.insert(secrets_t).values(session=session, name=name, kind=kind, value=sealed)
+        stmts: tuple[sa.Executable, ...] = (
+            (sa.delete(secrets_t).where(*where), ins) if replace else (ins,)
+        )
+        return _Put("secrets", key, _chain.row_digest("secrets", key, [kind, sealed]), stmts)
 
     def create_secret(self, session: str, name: str, kind: str, make: Callable[[], bytes]) -> bytes:
         """The value of a secret, created by ``make`` exactly once across all CAS processes."""
         existing = self.get_secret(session, name)
         if existing is not None and existing[0] == kind:
             return existing[1]
-        aad = f"secrets/{session}/{name}/{kind}".encode()
-        value = make()
+        # A changed kind (an update of the session) gets a new value; otherwise only an insert,
+        # so that of several racing creators exactly one wins on the primary key.
+        put = self._secret_put(session, name, kind, make(), replace=existing is not None)
         try:
-            with self._tx() as c:
-                if existing is not None:  # the kind changed in an update: a new value
-                    c.execute(
-                        sa.delete(secrets_t).where(
-                            secrets_t.c.session == session, secrets_t.c.name == name
-                        )
-                    )
-                c.execute(
-                    sa.insert(secrets_t).values(
-                        session=session, name=name, kind=kind, value=self._keys.seal(value, aad)
-                    )
-                )
+            self._write("create-secret", lambda: [put])
         except IntegrityError:
             pass  # another process won the race; use its value
         stored = self.get_secret(session, name)
@@ -272,23 +667,153 @@ class Store:
 
     def replace_secret(self, session: str, name: str, kind: str, value: bytes) -> None:
         """Store a renewed value (e.g. a certificate reissued before it expires)."""
-        aad = f"secrets/{session}/{name}/{kind}".encode()
-        with self._tx() as c:
-            c.execute(
-                sa.update(secrets_t)
-                .where(secrets_t.c.session == session, secrets_t.c.name == name)
-                .values(kind=kind, value=self._keys.seal(value, aad))
-            )
+        put = self._secret_put(session, name, kind, value, replace=True)
+        self._write("replace-secret", lambda: [put])
 
-    # --- nonces ----------------------------------------------------------------------------
+    # --- the audit log -----------------------------------------------------------------------
+
+    def append_audit(self, event_: Mapping[str, Any], *, now: float) -> AuditRecord:
+        """Append one entry to the audit log (chained, signed, sealed) and return it."""
+        if "seq" in event_ or "prev" in event_:
+            raise ValueError("seq and prev are the log's own fields")
+        made: list[AuditRecord] = []
+
+        def puts() -> list[_Put]:
+            with self._lock:
+                aseq, ahash = self._state.audit_head
+            body = {**event_, "seq": aseq + 1, "prev": ahash.hex(), "time": now}
+            h = _audit.entry_hash(body)
+            rec = AuditRecord(body, h, self._chain_keys.sign(h))
+            made[:] = [rec]
+            payload = json.dumps({"body": body, "sig": rec.signature.hex()}).encode()
+            sealed = self._keys.seal(payload, f"audit/{aseq + 1}".encode())
+            key = f"{aseq + 1}/{h.hex()}"
+            stmt = sa.insert(audit_t).values(seq=aseq + 1, hash=h.hex(), body=sealed)
+            return [_Put("audit", key, _chain.row_digest("audit", key, [sealed]), (stmt,))]
+
+        self._write("audit", puts)
+        return made[0]
+
+    def audit_records(self) -> list[AuditRecord]:
+        """Every audit entry in order, each checked against the chain."""
+
+        def read(c: Connection, snap: int) -> list[AuditRecord]:
+            out = []
+            for row in c.execute(sa.select(audit_t).order_by(audit_t.c.seq)):
+                key, digest = _digest_of("audit", row)
+                self._expect("audit", key, snap, digest)
+                doc = json.loads(self._keys.open(row.body, f"audit/{row.seq}".encode()))
+                out.append(
+                    AuditRecord(doc["body"], bytes.fromhex(row.hash), bytes.fromhex(doc["sig"]))
+                )
+            return out
+
+        return self._read("audit-export", read)
+
+    def audit_public_key(self) -> bytes:
+        """The raw Ed25519 public key that signs audit entries and state heads."""
+        from cryptography.hazmat.primitives import serialization
+
+        return self._chain_keys.signer.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    # --- the recovery kit (in clear: needed when the store key is lost) ----------------------
+
+    def put_kit(self, k: str, v: bytes) -> None:
+        digest = _chain.row_digest("kit", k, [v])
+
+        def puts() -> list[_Put]:
+            stmts = (sa.delete(kit_t).where(kit_t.c.k == k), sa.insert(kit_t).values(k=k, v=v))
+            return [_Put("kit", k, digest, stmts)]
+
+        self._write("kit", puts)
+
+    def get_kit(self, k: str) -> bytes | None:
+        def read(c: Connection, snap: int) -> bytes | None:
+            row = c.execute(sa.select(kit_t).where(kit_t.c.k == k)).first()
+            self._expect("kit", k, snap, None if row is None else _digest_of("kit", row)[1])
+            return None if row is None else bytes(row.v)
+
+        return self._read("kit", read)
+
+    # --- backup and restore (sealed rows, as they are) ---------------------------------------
+
+    def dump(self) -> dict[str, list[dict[str, Any]]]:
+        """Every protected row and the chain, from one consistent snapshot, each row verified."""
+
+        def read(c: Connection, snap: int) -> dict[str, list[dict[str, Any]]]:
+            out: dict[str, list[dict[str, Any]]] = {}
+            for table in PROTECTED:
+                rows = []
+                for row in c.execute(sa.select(_TABLES[table])):
+                    key, digest = _digest_of(table, row)
+                    self._expect(table, key, snap, digest)
+                    rows.append(dict(row._mapping))
+                out[table] = rows
+            out["changes"] = [
+                dict(r._mapping)
+                for r in c.execute(
+                    sa.select(changes_t).where(changes_t.c.seq <= snap).order_by(changes_t.c.seq)
+                )
+            ]
+            return out
+
+        return self._read("backup", read)
+
+    def is_empty(self) -> bool:
+        with self._tx("is-empty", write=False) as c:
+            return c.execute(sa.select(changes_t.c.seq).limit(1)).first() is None
+
+    def load(self, dump: Mapping[str, Sequence[Mapping[str, Any]]]) -> Head:
+        """Restore ``dump`` into this empty database, then verify it as at start."""
+        with self._write_lock, self._tx("restore", write=True) as c:
+            if c.execute(sa.select(changes_t.c.seq).limit(1)).first() is not None:
+                raise ConflictError(
+                    "the target database is not empty; restore onto a fresh CAS",
+                    reason="restore-target-not-empty",
+                )
+            for table in (*PROTECTED, "changes"):
+                rows = list(dump.get(table, ()))
+                if rows:
+                    c.execute(sa.insert(_TABLES.get(table, changes_t)), rows)
+        # The restored state is adopted explicitly: the head file is replaced, not compared.
+        if self._head_file is not None:
+            self._head_file.path.unlink(missing_ok=True)
+            saved, self._head_file = self._head_file, None
+            try:
+                head = self.verify()
+            finally:
+                self._head_file = saved
+            with self._lock:
+                self._save_head()
+            return head
+        return self.verify()
+
+    def adopt_head(self) -> Head:
+        """Verify the database's own consistency and sign its head as this CAS's new head.
+
+        For explicit, audited owner actions only (recovery on new hardware, joining a replica):
+        it trusts the database's newest state as it is now.
+        """
+        saved, self._head_file = self._head_file, None
+        try:
+            head = self.verify()
+        finally:
+            self._head_file = saved
+        with self._lock:
+            self._save_head()
+        return head
+
+    # --- nonces (not chained: see the module docstring) --------------------------------------
 
     def add_nonce(self, nonce: str, expires_at: float) -> None:
-        with self._tx() as c:
+        with self._tx("nonce", write=True) as c:
             c.execute(sa.insert(nonces_t).values(nonce=nonce, expires_at=expires_at, used=False))
 
     def consume_nonce(self, nonce: str, now: float) -> bool:
         """Mark ``nonce`` used; ``False`` if unknown, expired or used before (single use)."""
-        with self._tx() as c:
+        with self._tx("nonce", write=True) as c:
             res = c.execute(
                 sa.update(nonces_t)
                 .where(
@@ -301,11 +826,11 @@ class Store:
             return res.rowcount == 1
 
     def purge_nonces(self, now: float) -> int:
-        with self._tx() as c:
+        with self._tx("nonce", write=True) as c:
             return c.execute(sa.delete(nonces_t).where(nonces_t.c.expires_at <= now)).rowcount
 
     def count_live_nonces(self, now: float) -> int:
-        with self._tx() as c:
+        with self._tx("nonce", write=False) as c:
             return int(
                 c.execute(
                     sa.select(sa.func.count())
@@ -313,3 +838,7 @@ class Store:
                     .where(nonces_t.c.expires_at > now)
                 ).scalar_one()
             )
+
+
+def _show(key: str) -> str:
+    return key[:200]
