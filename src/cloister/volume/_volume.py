@@ -28,7 +28,9 @@ import errno
 import fcntl
 import hmac
 import os
+import queue
 import stat as stat_module
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -47,7 +49,11 @@ Clock = Callable[[], int]
 _MAX_OPEN_DATA_FILES: Final = 64  # data file descriptors kept open between calls
 _MAX_DIRTY_BLOCKS: Final = 64  # dirty plaintext blocks per file before they are sealed
 _RUN_BLOCKS: Final = 16  # whole blocks encrypted into one buffer and written with one pwrite
-_SYNCFS_THRESHOLD: Final = 16  # above this many files to flush, one syncfs(2) beats fsyncs
+_SYNCFS_THRESHOLD: Final = 16
+_WRITE_BEHIND_DEPTH: Final = 8  # sealed runs (up to 1 MiB each) queued for the writer thread
+_READ_AHEAD: Final = (
+    8 * 1024 * 1024
+)  # bytes of a data file fetched ahead of a sequential reader  # above this many files to flush, one syncfs(2) beats fsyncs
 _DEFAULT_FILE_MODE: Final = 0o644
 _DEFAULT_DIR_MODE: Final = 0o755
 
@@ -77,6 +83,8 @@ class OpenFile:
     cipher: AESGCM
     dirty: dict[int, bytearray] = field(default_factory=dict)
     cached: tuple[int, bytes | bytearray] | None = None  # the last block decrypted
+    next_read: int = -1  # where a sequential reader would read next
+    advised: int = 0  # physical offset up to which readahead was requested
     handles: int = 0
     unlinked: bool = False
 
@@ -128,6 +136,19 @@ class Volume:
         self._doomed: set[bytes] = set()  # fids whose data file goes after the next commit
         self._pending_ack: str | None = None
         self._closed = False
+        self._writer: _WriteBehind | None = None
+        self._pending: set[bytes] = set()  # fids with writes queued on the writer thread
+
+    def enable_write_behind(self) -> None:
+        """Write sealed blocks on a second thread (the FUSE mount does; see ``_WriteBehind``)."""
+        if self._writer is None and not self.read_only:
+            self._writer = _WriteBehind()
+
+    def _drain(self) -> None:
+        """Wait until every queued write reached its data file (before reading or syncing)."""
+        if self._writer is not None:
+            self._writer.drain()
+            self._pending.clear()
 
     # --- version -------------------------------------------------------------------------
 
@@ -367,6 +388,9 @@ class Volume:
         """Read plaintext at ``offset`` into ``out``; full blocks decrypt straight into it."""
         size, bs = f.rec.size, self.block_size
         end = min(size, offset + len(out))
+        if offset == f.next_read:
+            self._read_ahead(f, end)
+        f.next_read = end
         pos = offset
         while pos < end:
             index = pos // bs
@@ -380,6 +404,22 @@ class Volume:
                 dst[:] = memoryview(self._plain_block(f, index))[lo:hi]
             pos = start + hi
         return max(0, end - offset)
+
+    def _read_ahead(self, f: OpenFile, end: int) -> None:
+        """Ask the kernel to fetch the next stretch of a sequentially read file.
+
+        Reads are synchronous and one at a time (the FUSE loop is single-threaded), so
+        without this every cold block would wait for the disk in turn.
+        """
+        start = fmt.record_offset(self.block_size, end // self.block_size)
+        if start + _READ_AHEAD // 2 < f.advised:
+            return
+        begin = max(start, f.advised)
+        f.advised = start + _READ_AHEAD
+        for slot in (0, 1):
+            fd = self._fds.get((f.rec.fid, slot))
+            if fd is not None:
+                os.posix_fadvise(fd, begin, f.advised - begin, os.POSIX_FADV_WILLNEED)
 
     def pwrite(self, f: OpenFile, offset: int, data: bytes | bytearray | memoryview) -> int:
         self._check_writable()
@@ -466,12 +506,14 @@ class Volume:
         self._check_open()
         if self.read_only:
             return self.root_tag
+        self._drain()
         if self._pending_ack is not None:  # (1)
             self._report(self._pending_ack)
         if not self._modified:
             return self.root_tag
         for f in self._open.values():  # (2)
             self._flush(f)
+        self._drain()
         self._make_durable()  # (3)
         manifest = fmt.Manifest(self._tag.generation + 1, self._tag.mac, self._records)
         raw = fmt.encode_manifest(manifest, self._keys, self.block_size)
@@ -520,6 +562,8 @@ class Volume:
                 self.sync()
         finally:
             self._closed = True
+            if self._writer is not None:
+                self._writer.stop()
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
@@ -617,6 +661,7 @@ class Volume:
             ) from None
         self._fds[key] = fd
         if len(self._fds) > _MAX_OPEN_DATA_FILES:
+            self._drain()  # a queued write may still use the descriptor
             _, old = self._fds.popitem(last=False)
             os.close(old)
         return fd
@@ -637,6 +682,7 @@ class Volume:
         return None
 
     def _close_fds(self, fid: bytes) -> None:
+        self._drain()
         for slot in (0, 1):
             fd = self._fds.pop((fid, slot), None)
             if fd is not None:
@@ -653,6 +699,8 @@ class Volume:
         rec = f.rec
         want = NONCE_AND_TAG + length
         slot = rec.slots[index]
+        if rec.fid in self._pending:
+            self._drain()
         buf = memoryview(self._scratch)[:want]
         fd = self._fd(rec.fid, slot, path=f.path)
         got = os.preadv(fd, [buf], fmt.record_offset(self.block_size, index))
@@ -718,9 +766,13 @@ class Volume:
         slot = self._slot_for(f, first)
         stride = self._stride
         need = stride * len(blocks)
-        if len(self._batch) < need:
-            self._batch = bytearray(need)
-        out = memoryview(self._batch)
+        if self._writer is not None:
+            buffer = bytearray(need)  # owned by the writer thread until it is written
+        else:
+            if len(self._batch) < need:
+                self._batch = bytearray(need)
+            buffer = self._batch
+        out = memoryview(buffer)
         pos = 0
         for k, plain in enumerate(blocks):
             index = first + k
@@ -737,7 +789,10 @@ class Volume:
                 f.cached = None
             pos = end if k == len(blocks) - 1 else pos + stride
         fd = self._fd(rec.fid, slot, create=slot == 1, path=f.path)
-        if os.pwrite(fd, out[:pos], fmt.record_offset(self.block_size, first)) != pos:
+        if self._writer is not None:
+            self._writer.submit(fd, out[:pos], fmt.record_offset(self.block_size, first))
+            self._pending.add(rec.fid)
+        elif os.pwrite(fd, out[:pos], fmt.record_offset(self.block_size, first)) != pos:
             raise OSError(errno.EIO, "short write to a data file", f.path)
         self._unsynced.add((rec.fid, slot))
         if slot == 1:
@@ -853,6 +908,56 @@ class Volume:
 
 
 NONCE_AND_TAG: Final = fmt.NONCE_BYTES + fmt.TAG_BYTES
+
+
+class _WriteBehind:
+    """Writes already-sealed records to data files on a second thread.
+
+    Only ciphertext crosses to the thread: slots, tags and the manifest are decided on the
+    caller's thread before a record is queued. pwrite(2) releases the GIL, so copying into the
+    page cache overlaps with receiving and encrypting the next request. Whatever reads, syncs
+    or closes a data file drains the queue first; a failed write fails every later drain, so
+    a commit can never include data that did not reach the file.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[int, memoryview, int] | None] = queue.Queue(
+            maxsize=_WRITE_BEHIND_DEPTH
+        )
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="volume-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, fd: int, data: memoryview, offset: int) -> None:
+        self._check()
+        self._queue.put((fd, data, offset))
+
+    def drain(self) -> None:
+        self._queue.join()
+        self._check()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise OSError(errno.EIO, f"a data file write failed: {self._error}")
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                fd, view, offset = item
+                while view and self._error is None:
+                    written = os.pwrite(fd, view, offset)
+                    view, offset = view[written:], offset + written
+            except OSError as exc:
+                self._error = exc
+            finally:
+                self._queue.task_done()
 
 
 def _fsync_dir(path: str) -> None:

@@ -275,8 +275,10 @@ class _Operations(pyfuse3.Operations):
         return (pyfuse3.FileInfo(fh=self._new_fh(inode, f), keep_cache=True), self._attrs(inode))
 
     @_errno
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return self._vol.pread(self._files[fh][1], off, size)
+    async def read(self, fh: int, off: int, size: int) -> memoryview:
+        f = self._files[fh][1]
+        out = bytearray(max(0, min(size, f.rec.size - off)))
+        return memoryview(out)[: self._vol.preadinto(f, off, memoryview(out))]
 
     @_errno
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -379,6 +381,7 @@ def mount(
     volume = _volume.open_volume(
         directory, key, expected_root_tag=expected_root_tag, on_sync=on_sync, clock=clock
     )
+    volume.enable_write_behind()
     try:
         options = set(pyfuse3.default_options)
         options.update({"fsname=cloister", "subtype=cloister"})

@@ -139,7 +139,10 @@ def test_everything_survives_a_reopen(tmp_path: Path) -> None:
         assert v.verify() == tag
 
 
-def test_random_operations_match_a_model(vol: volume.Volume) -> None:
+@pytest.mark.parametrize("write_behind", [False, True])
+def test_random_operations_match_a_model(vol: volume.Volume, write_behind: bool) -> None:
+    if write_behind:
+        vol.enable_write_behind()  # as the FUSE mount runs it
     rng = random.Random(5)
     model = bytearray()
     f = vol.open("model", "w+b", buffering=0)
@@ -172,11 +175,14 @@ def test_random_operations_match_a_model(vol: volume.Volume) -> None:
     assert vol.verify() == tag
 
 
-def test_a_crash_leaves_the_last_committed_version(tmp_path: Path) -> None:
+@pytest.mark.parametrize("write_behind", [False, True])
+def test_a_crash_leaves_the_last_committed_version(tmp_path: Path, write_behind: bool) -> None:
     """Copy the directory at arbitrary moments, as a kill -9 would leave it, and reopen it."""
     directory = tmp_path / "vol"
     states: dict[str, dict[str, bytes]] = {}
     v = volume.create(str(directory), h.KEY, block_size=h.BLOCK)
+    if write_behind:
+        v.enable_write_behind()
     v.write_bytes("f", b"v1" * h.BLOCK)
     tag = v.sync()
     states[tag] = {"f": b"v1" * h.BLOCK}
