@@ -49,11 +49,9 @@ Clock = Callable[[], int]
 _MAX_OPEN_DATA_FILES: Final = 64  # data file descriptors kept open between calls
 _MAX_DIRTY_BLOCKS: Final = 64  # dirty plaintext blocks per file before they are sealed
 _RUN_BLOCKS: Final = 16  # whole blocks encrypted into one buffer and written with one pwrite
-_SYNCFS_THRESHOLD: Final = 16
+_SYNCFS_THRESHOLD: Final = 16  # above this many files to flush, one syncfs(2) beats fsyncs
 _WRITE_BEHIND_DEPTH: Final = 8  # sealed runs (up to 1 MiB each) queued for the writer thread
-_READ_AHEAD: Final = (
-    8 * 1024 * 1024
-)  # bytes of a data file fetched ahead of a sequential reader  # above this many files to flush, one syncfs(2) beats fsyncs
+_READ_AHEAD: Final = 8 * 1024 * 1024  # bytes fetched ahead of a sequential reader
 _DEFAULT_FILE_MODE: Final = 0o644
 _DEFAULT_DIR_MODE: Final = 0o755
 
