@@ -30,10 +30,8 @@ async def serve(config: MeshConfig) -> None:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, mesh.reload_tls)
-        ports = " ".join(
-            [f"ingress={p}" for p in mesh.ingress_ports]
-            + [f"egress={p}" for p in mesh.egress_ports]
-        )
+        ports = [f"ingress={p}" for p in mesh.ingress_ports]
+        ports += [f"egress={p}" for p in mesh.egress_ports]
         print(READY_LINE, *ports, flush=True)
         try:
             await stop.wait()

@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, cast
 
 from cloister.mesh._tls import refusal_reason
 from cloister.mesh.identity import PeerIdentity, ServiceIdentity
@@ -32,23 +33,45 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("cloister.mesh")
 
-READ_SIZE: Final = 256 * 1024  # bytes asked of OpenSSL per read call (it returns a record)
+RECV_SIZE: Final = 256 * 1024  # bytes asked of the kernel per read
+ENCRYPT_PIECE: Final = 64 * 1024  # plaintext bytes encrypted per call
+DECRYPT_BATCH: Final = 1024 * 1024  # plaintext bytes decrypted before they are written out
 WRITE_HIGH_WATER: Final = 1024 * 1024  # bytes buffered for a socket before the other pauses
 WRITE_LOW_WATER: Final = 256 * 1024
 
 _HANDSHAKE, _AUTHORISING, _OPEN, _CLOSED = "handshake", "authorising", "open", "closed"
 
 
-class _NetLeg(asyncio.Protocol):
+class Scratch:
+    """Buffers shared by every connection on one event loop.
+
+    Reads are synchronous (``get_buffer``, ``recv_into``, ``buffer_updated`` in one call), so
+    one receive buffer serves all sockets, and decrypted bytes are assembled in one buffer and
+    copied out once per batch. This keeps large reads free of per-read allocations.
+    """
+
+    def __init__(self) -> None:
+        self.recv = memoryview(bytearray(RECV_SIZE))
+        self.plain = memoryview(bytearray(DECRYPT_BATCH))
+
+
+class _Leg(asyncio.BufferedProtocol):
+    link: Link
+
     def __init__(self, link: Link) -> None:
         self.link = link
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.link.scratch.recv
+
+
+class _NetLeg(_Leg):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.link.net_made(transport)
 
-    def data_received(self, data: bytes) -> None:
-        self.link.net_data(data)
+    def buffer_updated(self, nbytes: int) -> None:
+        self.link.net_data(self.link.scratch.recv[:nbytes])
 
     def eof_received(self) -> bool:
         return self.link.net_eof()
@@ -63,16 +86,13 @@ class _NetLeg(asyncio.Protocol):
         self.link.net_full(False)
 
 
-class _PlainLeg(asyncio.Protocol):
-    def __init__(self, link: Link) -> None:
-        self.link = link
-
+class _PlainLeg(_Leg):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.link.plain_made(transport)
 
-    def data_received(self, data: bytes) -> None:
-        self.link.plain_data(data)
+    def buffer_updated(self, nbytes: int) -> None:
+        self.link.plain_data(self.link.scratch.recv[:nbytes])
 
     def eof_received(self) -> bool:
         return self.link.plain_eof()
@@ -91,9 +111,15 @@ class Link:
     """The state of one connection through a proxy. Driven by its two legs and its listener."""
 
     def __init__(
-        self, owner: Listener, sslobj: ssl.SSLObject, bio_in: ssl.MemoryBIO, bio_out: ssl.MemoryBIO
+        self,
+        owner: Listener,
+        sslobj: ssl.SSLObject,
+        bio_in: ssl.MemoryBIO,
+        bio_out: ssl.MemoryBIO,
+        scratch: Scratch,
     ) -> None:
         self.owner = owner
+        self.scratch = scratch
         self._loop = owner.loop
         self._ssl = sslobj
         self._in = bio_in
@@ -201,19 +227,21 @@ class Link:
         if self._out.pending and self.net is not None:
             self.net.write(self._out.read())
 
-    def plain_data(self, data: bytes) -> None:
+    def plain_data(self, data: memoryview) -> None:
         if self.state != _OPEN or self._close_notify_sent:
             return
         self._last = self._loop.time()
         try:
-            self._ssl.write(data)
+            # In pieces: OpenSSL's memory BIO slows down when it holds much more than this.
+            for start in range(0, len(data), ENCRYPT_PIECE):
+                self._ssl.write(data[start : start + ENCRYPT_PIECE])
+                self._flush()
         except ssl.SSLError as exc:
             self._fail(exc)
             return
         self.sent += len(data)
-        self._flush()
 
-    def net_data(self, data: bytes) -> None:
+    def net_data(self, data: memoryview) -> None:
         self._in.write(data)
         if self.state == _HANDSHAKE:
             self.handshake_step()
@@ -226,15 +254,22 @@ class Link:
         if self.state != _OPEN or self._plain_full:
             return
         assert self.plain is not None
-        chunks: list[bytes] = []
+        buf = self.scratch.plain
+        size = len(buf)
+        filled = 0
         eof = False
+        # With a buffer, read() returns a count (typeshed only knows the bytes form).
+        read_into = cast(Callable[[int, memoryview], int], self._ssl.read)
         try:
             while True:
-                chunk = self._ssl.read(READ_SIZE)
-                if not chunk:
+                n = read_into(size - filled, buf[filled:])
+                if not n:
                     eof = True
                     break
-                chunks.append(chunk)
+                filled += n
+                if filled == size:
+                    self._deliver(bytes(buf))
+                    filled = 0
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
@@ -242,10 +277,9 @@ class Link:
         except ssl.SSLError as exc:
             self._fail(exc)
             return
-        if chunks:
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            self.received += len(data)
-            self.plain.write(data)
+        if filled:
+            # A copy: transports may keep a reference to what they could not send yet.
+            self._deliver(bytes(buf[:filled]))
         self._flush()  # post-handshake messages (key updates) may want an answer
         if eof and not self._close_notify_got:
             self._close_notify_got = True
@@ -257,6 +291,11 @@ class Link:
             self._fail(ConnectionError("TCP FIN without close_notify: stream truncated"))
             return
         self._maybe_finish()
+
+    def _deliver(self, data: bytes) -> None:
+        assert self.plain is not None
+        self.received += len(data)
+        self.plain.write(data)
 
     def plain_eof(self) -> bool:
         self._plain_eof = True

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import ClassVar, Final
 
 from cloister.mesh import _tls
-from cloister.mesh._link import Link
+from cloister.mesh._link import Link, Scratch
 from cloister.mesh.config import EgressRule, IngressRule, MeshConfig
 from cloister.mesh.stats import MeshStats
 
@@ -78,7 +78,7 @@ class Listener:
             await self._server.wait_closed()
             self._server = None
 
-    def _accept(self) -> asyncio.Protocol:
+    def _accept(self) -> asyncio.BaseProtocol:
         raise NotImplementedError
 
     def _new_link(self, *, server_side: bool, server_hostname: str | None) -> Link:
@@ -88,7 +88,7 @@ class Listener:
         sslobj = ctx.wrap_bio(
             bio_in, bio_out, server_side=server_side, server_hostname=server_hostname
         )
-        return Link(self, sslobj, bio_in, bio_out)
+        return Link(self, sslobj, bio_in, bio_out, self.mesh.scratch)
 
     def _admit(self, link: Link, transport: asyncio.Transport) -> bool:
         peer = transport.get_extra_info("peername")
@@ -162,7 +162,7 @@ class IngressListener(Listener):
         super().__init__(mesh, str(rule.bind), rule.port)
         self.rule = rule
 
-    def _accept(self) -> asyncio.Protocol:
+    def _accept(self) -> asyncio.BaseProtocol:
         return self._new_link(server_side=True, server_hostname=None).net_leg
 
     def net_made(self, link: Link) -> None:
@@ -211,7 +211,7 @@ class EgressListener(Listener):
         super().__init__(mesh, str(rule.bind), rule.port)
         self.rule = rule
 
-    def _accept(self) -> asyncio.Protocol:
+    def _accept(self) -> asyncio.BaseProtocol:
         return self._new_link(server_side=False, server_hostname=self.rule.peer.dns_name).plain_leg
 
     def plain_made(self, link: Link) -> None:
@@ -273,6 +273,7 @@ class Mesh:
         self.config = config
         self.stats = stats if stats is not None else MeshStats()
         self.loop = asyncio.get_running_loop()
+        self.scratch = Scratch()
         self.server_ctx: ssl.SSLContext | None = None
         self.client_ctx: ssl.SSLContext | None = None
         self.ingress: list[IngressListener] = (
