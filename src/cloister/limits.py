@@ -25,3 +25,22 @@ MAX_CSR_BYTES: Final = 16 * 1024
 NONCE_BYTES: Final = 32
 NONCE_TTL_SECONDS: Final = 120.0  # a nonce not used within this time is refused
 MAX_OUTSTANDING_NONCES: Final = 100_000  # a CAS refuses to hand out more than this at once
+
+# The CAS's HTTP server: what a slow or greedy client may hold (see cas/server.py, cas/api.py).
+HTTP_HEADER_TIMEOUT_SECONDS: Final = 10.0  # from the first byte of a request to its last header
+HTTP_BODY_TIMEOUT_SECONDS: Final = 30.0  # from the last header to the last byte of the body
+HTTP_KEEP_ALIVE_SECONDS: Final = 5  # an idle connection between requests is closed after this
+MAX_HTTP_CONNECTIONS: Final = 2048  # connections and requests at once, per worker process
+MAX_HTTP_HEADER_BYTES: Final = 16 * 1024  # bytes of one request line and its headers
+
+# Per-client token buckets, per worker process (cas/ratelimit.py).
+ACTIVATION_RATE_PER_SECOND: Final = 100.0  # nonce and activate requests per client IP
+ACTIVATION_BURST: Final = 200
+SESSION_RATE_PER_SECOND: Final = 10.0  # session create/update/read and exists per client IP
+SESSION_BURST: Final = 20
+MAX_RATE_LIMITED_CLIENTS: Final = 65_536  # buckets kept per worker before the oldest go
+
+# Encrypted volumes (volume/_format.py): read from an untrusted disk before authentication.
+MAX_VOLUME_MANIFEST_BYTES: Final = 1024 * 1024 * 1024  # bytes of one encrypted manifest file
+MAX_VOLUME_PATH_BYTES: Final = 4096  # UTF-8 bytes of one path inside a volume
+MAX_VOLUME_NAME_BYTES: Final = 255  # UTF-8 bytes of one path component inside a volume
