@@ -375,8 +375,7 @@ def build_pck_chain(pem: bytes, pins: frozenset[str]) -> PckChain:
         raise pck_chain_error("the PCK CA certificate is not signed by the Intel SGX Root CA")
     if not _x509.issued_by(leaf, ca):
         raise pck_chain_error("the PCK certificate is not signed by its PCK CA")
-    cn = ca.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    ca_kind = _PCK_CA_KINDS.get(str(cn[0].value) if cn else "")
+    ca_kind = _PCK_CA_KINDS.get(_x509.common_name(ca) or "")
     if ca_kind is None:
         raise pck_chain_error("the PCK certificate's issuer is not an Intel SGX PCK CA")
     try:

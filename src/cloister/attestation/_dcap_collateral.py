@@ -206,10 +206,18 @@ def parse_qe_identity(body: bytes, chain: tuple[x509.Certificate, ...]) -> QeIde
     )
 
 
+TCB_SIGNING_CN = "Intel SGX TCB Signing"
+
+
 def verify_signing_chain(
     pem: bytes | None, pins: frozenset[str], *, reason: str
 ) -> tuple[x509.Certificate, ...]:
-    """A collateral issuer chain (TCB Signing → Root): ordered, signed, root key pinned."""
+    """A collateral issuer chain: Intel SGX TCB Signing → Intel SGX Root CA, root key pinned.
+
+    Exactly these two: any longer path would let a key below the root that is not Intel's
+    TCB signing key (a PCK key, say) sign TCB Info (PCS API v4: the issuer chain is the TCB
+    Signing certificate and the root).
+    """
     if pem is None:
         raise CollateralError(
             "the collateral's issuer chain is missing", reason="collateral-missing"
@@ -220,6 +228,11 @@ def verify_signing_chain(
         raise SignatureError(
             f"the collateral issuer chain is unusable: {exc}", reason=reason
         ) from None
+    if len(certs) != 2 or _x509.common_name(certs[0]) != TCB_SIGNING_CN:
+        raise SignatureError(
+            f"the collateral is not signed by an {TCB_SIGNING_CN} certificate under the root",
+            reason=reason,
+        )
     root = certs[-1]
     if _x509.spki_sha256(root) not in pins or not _x509.issued_by(root, root):
         raise SignatureError(

@@ -7,7 +7,10 @@ computed from; every window is checked against ``now`` on every call.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from datetime import datetime
+from typing import TypeVar
 
 from cloister.attestation._claims import Tee
 from cloister.attestation._dcap import (
@@ -41,6 +44,8 @@ from cloister.attestation.collateral import (
 )
 from cloister.errors import CollateralError
 
+T = TypeVar("T")
+
 
 class DcapSteps:
     """The DCAP steps, bound to pinned roots, a collateral source and a cache.
@@ -54,10 +59,16 @@ class DcapSteps:
         self.source = source
         self.cache = cache
         self.pins = pins
+        # Memo keys carry the pins: a cache shared by verifiers with different roots must not
+        # hand one of them a chain that only the other's roots endorse.
+        self._tag = hashlib.sha256("\0".join(sorted(pins)).encode()).digest()
+
+    def _memo(self, kind: str, material: bytes, build: Callable[[], T]) -> T:
+        return self.cache.memo(kind, self._tag + material, build)
 
     def pck_chain(self, quote: Quote, tee: Tee) -> PckChain:
         pem = pck_chain_pem(quote, self.source, tee)
-        return self.cache.memo("pck-chain", pem, lambda: build_pck_chain(pem, self.pins))
+        return self._memo("pck-chain", pem, lambda: build_pck_chain(pem, self.pins))
 
     def qe_report(self, quote: Quote, chain: PckChain) -> SgxReport:
         """QE report signature and attestation-key binding, memoized per (PCK key, QE report)."""
@@ -74,7 +85,7 @@ class DcapSteps:
             verify_attestation_key_binding(quote)
             return SgxReport.parse(quote.qe_report)
 
-        return self.cache.memo("qe-report", material, check)
+        return self._memo("qe-report", material, check)
 
     def quote_signature(self, quote: Quote) -> None:
         verify_quote_signature(quote)
@@ -96,7 +107,7 @@ class DcapSteps:
                     f"TCB Info is malformed: {exc}", reason="malformed-collateral"
                 ) from None
 
-        info = self.cache.memo("tcb-info", pem + b"\0" + sig + body, build)
+        info = self._memo("tcb-info", pem + b"\0" + sig + body, build)
         expected_id = "TDX" if tee is Tee.TDX else "SGX"
         if info.id != expected_id or (tee is Tee.TDX and info.version < 3):
             raise CollateralError(
@@ -134,7 +145,7 @@ class DcapSteps:
                     f"QE Identity is malformed: {exc}", reason="malformed-collateral"
                 ) from None
 
-        identity = self.cache.memo("qe-identity", pem + b"\0" + sig + body, build)
+        identity = self._memo("qe-identity", pem + b"\0" + sig + body, build)
         expected = "TD_QE" if tee is Tee.TDX else "QE"
         if identity.id != expected:
             raise CollateralError(
@@ -157,12 +168,12 @@ class DcapSteps:
             raise CollateralError(
                 "the CRLs for this platform are missing", reason="collateral-missing"
             )
-        root = self.cache.memo(
+        root = self._memo(
             "root-crl",
             chain.fingerprints[2] + root_der,
             lambda: load_crl(root_der, chain.root, what="Intel SGX Root CA CRL"),
         )
-        pck = self.cache.memo(
+        pck = self._memo(
             "pck-crl",
             chain.fingerprints[1] + pck_der,
             lambda: load_crl(pck_der, chain.ca, what="PCK CRL"),

@@ -56,6 +56,12 @@ class Window(Enum):
     NOT_YET_VALID = "not-yet-valid"
 
 
+def require_aware(now: datetime) -> None:
+    """Every window check compares with UTC instants: a naive ``now`` is a caller's bug."""
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("now must be a timezone-aware datetime")
+
+
 def within(
     now: datetime, not_before: datetime, not_after: datetime, *, inclusive_end: bool
 ) -> Window:
@@ -165,6 +171,12 @@ def load_der_crl(data: bytes) -> x509.CertificateRevocationList:
             raw = data
         return _strict_load(x509.load_der_x509_crl, raw, _touch_crl)
     return _strict_load(x509.load_der_x509_crl, data, _touch_crl)
+
+
+def common_name(cert: x509.Certificate) -> str | None:
+    """The subject's first CN, or ``None``."""
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(cn[0].value) if cn else None
 
 
 def issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:

@@ -72,6 +72,7 @@ class SgxVerifier:
 
     def verify(self, evidence: bytes, *, now: datetime) -> Claims:
         steps = self._steps
+        _x509.require_aware(now)
         # (1) (2) bounds, header and layout
         quote = _dcap.parse_quote(evidence, tee=Tee.SGX)
         # (3) PCK chain to the pinned root

@@ -26,6 +26,7 @@ certificates; the layouts are in ``_snp``. Steps:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -91,8 +92,11 @@ class SnpVerifier:
         self._cache = cache or CollateralCache()
         self._product = product
         self._pins = dict(ark_pins) if ark_pins is not None else amd_ark_pins()
+        # Memo keys carry the pins (see ``_dcap_steps.DcapSteps``).
+        self._tag = hashlib.sha256(repr(sorted(self._pins.items())).encode()).digest()
 
     def verify(self, evidence: bytes, *, now: datetime) -> Claims:
+        _x509.require_aware(now)
         # (1) bounds and layout
         raw, table = _snp.split_evidence(evidence)
         report = _snp.parse_report(raw)
@@ -185,7 +189,9 @@ class SnpVerifier:
             f"amd_{product.lower()}_{signer_name}.pem"
         )
         ark_pem = col.ark or _x509.root_pem(f"amd_{product.lower()}_ark.pem")
-        material = b"\0".join((product.encode(), kind.encode(), key_der, signer_pem, ark_pem))
+        material = b"\0".join(
+            (self._tag, product.encode(), kind.encode(), key_der, signer_pem, ark_pem)
+        )
         return self._cache.memo(
             "snp-chain",
             material,

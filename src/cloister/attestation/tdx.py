@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
-from cloister.attestation import _dcap, _dcap_steps, _dcap_tcb
+from cloister.attestation import _dcap, _dcap_steps, _dcap_tcb, _x509
 from cloister.attestation._claims import Claims, ClaimValue, Tee
 from cloister.attestation.collateral import CollateralCache, CollateralSource
 from cloister.attestation.sgx import intel_root_pins, intel_root_pins_only
@@ -58,6 +58,7 @@ class TdxVerifier:
 
     def verify(self, evidence: bytes, *, now: datetime) -> Claims:
         steps = self._steps
+        _x509.require_aware(now)
         # (1) (2) bounds, header and layout
         quote = _dcap.parse_quote(evidence, tee=Tee.TDX)
         report = _dcap.TdReport.parse(quote.body)

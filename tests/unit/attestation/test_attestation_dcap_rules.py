@@ -302,3 +302,35 @@ def test_every_reason_is_an_evidence_error() -> None:
             verifier.verify(case.evidence, now=case.now + timedelta(days=3650))
         assert info.value.reason == info.value.reason.lower() and " " not in info.value.reason
     assert Tee.SGX.value == "sgx"
+
+
+def test_collateral_must_be_signed_by_the_tcb_signing_certificate() -> None:
+    p = parsed(SGX)
+    pem = b"".join(
+        c.public_bytes(_x509.serialization.Encoding.PEM)
+        for c in (p.chain.leaf, p.chain.ca, p.chain.root)
+    )
+    with pytest.raises(SignatureError) as info:
+        _dcap_collateral.verify_signing_chain(
+            pem, sgx.intel_root_pins(), reason="tcb-info-signature"
+        )
+    assert info.value.reason == "tcb-info-signature"
+
+
+def test_a_shared_cache_does_not_leak_trust_between_pins() -> None:
+    cache = collateral.CollateralCache()
+    source = collateral.DirectorySource(SGX.collateral_dir)
+    sgx.SgxVerifier(source, cache=cache).verify(SGX.evidence, now=SGX.now)
+    other_root = (TDX_V5.collateral_dir / "tcb_info_issuer_chain.pem").read_bytes()
+    other = _x509.load_pem_certs(other_root)[0]  # the TCB signing certificate: not a root
+    stranger = sgx.SgxVerifier(
+        source, cache=cache, intel_roots=[other.public_bytes(_x509.serialization.Encoding.PEM)]
+    )
+    with pytest.raises(SignatureError) as info:
+        stranger.verify(SGX.evidence, now=SGX.now)
+    assert info.value.reason == "pck-chain"
+
+
+def test_now_must_be_timezone_aware() -> None:
+    with pytest.raises(ValueError):
+        SGX.verifier().verify(SGX.evidence, now=SGX.now.replace(tzinfo=None))
