@@ -31,19 +31,17 @@ The root tag of a generation is ``"<generation>:<hex HMAC-SHA256(root key, manif
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import struct
 from dataclasses import dataclass
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import constant_time, hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cloister import errors
+from cloister import errors, limits
 
 FORMAT_VERSION: Final = 1
 KEY_BYTES: Final = 32
@@ -58,9 +56,9 @@ MIN_BLOCK_SIZE: Final = 4 * 1024
 MAX_BLOCK_SIZE: Final = 1024 * 1024
 
 # Bounds checked before anything read from the untrusted disk is parsed or allocated.
-MAX_MANIFEST_BYTES: Final = 1024 * 1024 * 1024  # bytes of one encrypted manifest file
-MAX_PATH_BYTES: Final = 4096  # UTF-8 bytes of one volume path
-MAX_NAME_BYTES: Final = 255  # UTF-8 bytes of one path component
+MAX_MANIFEST_BYTES: Final = limits.MAX_VOLUME_MANIFEST_BYTES
+MAX_PATH_BYTES: Final = limits.MAX_VOLUME_PATH_BYTES
+MAX_NAME_BYTES: Final = limits.MAX_VOLUME_NAME_BYTES
 
 HEADER_NAME: Final = "volume"
 MANIFEST_NAME: Final = "manifest"
@@ -79,6 +77,18 @@ _BLOCK_AAD = struct.Struct(">16sQ")  # fid, block index
 
 KIND_FILE: Final = 1
 KIND_DIR: Final = 2
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256."""
+    h = hmac.HMAC(key, hashes.SHA256())
+    h.update(data)
+    return h.finalize()
+
+
+def equal(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> bool:
+    """Constant-time comparison of two MACs or tags."""
+    return constant_time.bytes_eq(bytes(a), bytes(b))
 
 
 def _integrity(message: str, reason: str, path: str | None = None) -> errors.VolumeIntegrityError:
@@ -143,7 +153,7 @@ def check_block_size(block_size: int) -> None:
 
 def encode_header(header: Header, keys: Keys) -> bytes:
     body = _HEADER.pack(_HEADER_MAGIC, FORMAT_VERSION, header.block_size, header.volume_id)
-    return body + hmac.new(keys.header, body, hashlib.sha256).digest()
+    return body + mac(keys.header, body)
 
 
 def peek_header(raw: bytes) -> Header:
@@ -161,8 +171,7 @@ def peek_header(raw: bytes) -> Header:
 def check_header(raw: bytes, keys: Keys) -> Header:
     """Authenticate the header; a wrong key and a changed header look the same on purpose."""
     header = peek_header(raw)
-    expected = hmac.new(keys.header, raw[: _HEADER.size], hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, raw[_HEADER.size :]):
+    if not equal(mac(keys.header, raw[: _HEADER.size]), raw[_HEADER.size :]):
         raise _integrity("wrong volume key, or the volume header was changed", "wrong-key")
     # Checked only after the MAC: a block size outside the bounds is then a bug, not an attack.
     check_block_size(header.block_size)
@@ -233,7 +242,7 @@ class RootTag:
 
 
 def root_mac(keys: Keys, manifest_file: bytes) -> bytes:
-    return hmac.new(keys.root, manifest_file, hashlib.sha256).digest()
+    return mac(keys.root, manifest_file)
 
 
 # --- manifest ----------------------------------------------------------------------------

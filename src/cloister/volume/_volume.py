@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import hmac
 import os
 import queue
 import stat as stat_module
@@ -707,7 +706,7 @@ class Volume:
         nonce, sealed = buf[: fmt.NONCE_BYTES], buf[fmt.NONCE_BYTES :]
         aad = fmt.block_aad(rec.fid, index)
         pinned = rec.tags[index * fmt.TAG_BYTES : (index + 1) * fmt.TAG_BYTES]
-        if not hmac.compare_digest(sealed[-fmt.TAG_BYTES :], pinned):  # (2)
+        if not fmt.equal(sealed[-fmt.TAG_BYTES :], pinned):  # (2)
             try:
                 f.cipher.decrypt(nonce, sealed, aad)
             except InvalidTag:
@@ -1131,12 +1130,12 @@ def _check_version(
     tag: fmt.RootTag, manifest: fmt.Manifest, expected: fmt.RootTag, strict: bool
 ) -> bool:
     """Raise unless ``tag`` is admitted; return whether it is one generation ahead."""
-    if tag.generation == expected.generation and hmac.compare_digest(tag.mac, expected.mac):
+    if tag.generation == expected.generation and fmt.equal(tag.mac, expected.mac):
         return False
     if (
         not strict
         and tag.generation == expected.generation + 1
-        and hmac.compare_digest(manifest.previous_mac, expected.mac)
+        and fmt.equal(manifest.previous_mac, expected.mac)
     ):
         return True
     if tag.generation < expected.generation:
