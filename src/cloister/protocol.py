@@ -98,6 +98,10 @@ class ActivationRequest(Wire):
     csr: str = Field(max_length=limits.MAX_CSR_BYTES)
     session: str = Field(max_length=limits.MAX_NAME_LENGTH * limits.MAX_SESSION_NAME_DEPTH)
     service: str = Field(max_length=limits.MAX_NAME_LENGTH)
+    # Second factors a session may ask for (SCONE): SCONE_CONFIG_ID=session/service@OTP and
+    # SCONE_SERVICE_ACCESS_TOKEN. Additive: absent means not given.
+    otp: str | None = Field(default=None, max_length=16)
+    service_access_token: str | None = Field(default=None, max_length=1024)
 
 
 class ActivationResponse(Wire):

@@ -65,7 +65,7 @@ images:
   - name: app-image
     injection_files:
       - path: {files}/tls.crt
-        content: $$SCONE::tls:chain$$
+        content: $$SCONE::tls:crt$$$$SCONE::tls:chain$$
       - path: {files}/tls.key
         content: $$SCONE::tls:key$$
       - path: {files}/ca.crt

@@ -10,17 +10,23 @@ from __future__ import annotations
 import base64
 import logging
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloister import protocol
+from cloister import errors, protocol
 
 log = logging.getLogger(__name__)
 
 _MEMORY_FS = frozenset({"tmpfs", "ramfs"})
 # Variables that configure the agent itself; the application never sees them.
-_AGENT_VARS = ("SCONE_CAS_ADDR", "SCONE_CONFIG_ID", "CLOISTER_CAS_CERT")
+_AGENT_VARS = (
+    "SCONE_CAS_ADDR",
+    "SCONE_CONFIG_ID",
+    "CLOISTER_CAS_CERT",
+    "SCONE_SERVICE_ACCESS_TOKEN",
+)
 
 
 @dataclass(frozen=True)
@@ -59,14 +65,54 @@ def _write(path: Path, content: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
+_HOST_ARG = re.compile(r"(?<![\\@])@@([0-9]+)")
+_HOST_ENV_KEY = re.compile(r"^(?:@@|\\@\\@)([A-Za-z_][A-Za-z0-9_]*)$")
+
+
+def host_arguments(argv: list[str], host_argv: Sequence[str]) -> list[str]:
+    """SCONE's ``@@N``: the N-th argument the operator gave this program (from 1).
+
+    A position beyond what the operator gave is refused: reading past the host's argv would
+    hand the program something nobody chose.
+    """
+
+    def sub(m: re.Match[str]) -> str:
+        n = int(m.group(1))
+        if n < 1 or n >= len(host_argv):
+            raise errors.Error(
+                f"the session's command needs host argument @@{n}, which was not given",
+                reason="host-argument-missing",
+            )
+        return host_argv[n]
+
+    return [_HOST_ARG.sub(sub, a) for a in argv]
+
+
+def host_environment(env: Mapping[str, str], host_env: Mapping[str, str]) -> dict[str, str]:
+    """SCONE's ``@@NAME`` / ``\\@\\@NAME`` keys: the value comes from the host's ``NAME``
+    (empty when the host does not set it); the session's value is not used."""
+    out: dict[str, str] = {}
+    for key, value in env.items():
+        m = _HOST_ENV_KEY.match(key)
+        if m is None:
+            out[key] = value
+        else:
+            out[m.group(1)] = host_env.get(m.group(1), "")
+    return out
+
+
 def prepare(
     bundle: protocol.Bundle,
     key_pem: str,
     *,
     base_env: Mapping[str, str],
     root: Path = Path("/"),
+    host_argv: Sequence[str] = (),
 ) -> Prepared:
-    """Write the bundle's files under ``root`` and return what to exec with."""
+    """Write the bundle's files under ``root`` and return what to exec with.
+
+    ``host_argv`` is the program and arguments the operator gave (``@@1`` is ``host_argv[1]``).
+    """
 
     def fill(text: str) -> str:
         return text.replace(bundle.key_marker, key_pem)
@@ -79,6 +125,10 @@ def prepare(
         if fstype is not None and fstype not in _MEMORY_FS:
             log.warning("injected file %s is on a %s file system, not in memory", f.path, fstype)
     env = {k: v for k, v in base_env.items() if k not in _AGENT_VARS}
-    env.update({k: fill(v) for k, v in bundle.environment.items()})
-    argv = [fill(a) for a in bundle.command] if bundle.command is not None else None
+    env.update(host_environment({k: fill(v) for k, v in bundle.environment.items()}, base_env))
+    argv = (
+        host_arguments([fill(a) for a in bundle.command], host_argv)
+        if bundle.command is not None
+        else None
+    )
     return Prepared(argv, env, fill(bundle.pwd) if bundle.pwd else None)

@@ -13,7 +13,7 @@ import logging
 import secrets as _random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hpke, serialization
@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cloister import limits, pki, policy, protocol
 from cloister import secrets as secretlib
 from cloister.attestation import Tee, Verifier, binding, simulated
+from cloister.cas import governance
 from cloister.cas.identity import Identity, SimulatedSelf
 from cloister.errors import (
     AccessDenied,
@@ -32,8 +33,7 @@ from cloister.errors import (
     NotFound,
     SessionError,
 )
-from cloister.session import Session, parse_public_key, signatures
-from cloister.session.template import Placeholder, render
+from cloister.session import Session, parse_public_key, template
 from cloister.store import Store
 
 log = logging.getLogger(__name__)
@@ -121,12 +121,15 @@ class Cas:
                 "a new session has no predecessor; use update for an existing one",
                 reason="unexpected-predecessor",
             )
-        signers = _valid_signers(signed, "create", session.hash)
+        signers = governance.valid_signers(signed, "create", session.hash)
         if not signers:
             raise AccessDenied(
                 "creating a session needs a valid owner signature", reason="unsigned"
             )
         creator = signers[0]
+        governance.authorize_create(session.name, signers, self.store)
+        governance.check_imports(session, self.store)
+        _announce(session)
         self.store.create_session(session.name, session.hash, creator, signed.session.encode())
         log.info("session %s created (hash %s)", session.name, session.hash)
         return protocol.SessionAccepted(name=session.name, hash=session.hash, version=1)
@@ -147,8 +150,11 @@ class Cas:
                 "predecessor",
                 reason="stale-predecessor",
             )
-        signers = _valid_signers(signed, "update", session.hash)
-        _authorize(current, current_record.creator, "update", signers)
+        signers = governance.valid_signers(signed, "update", session.hash)
+        # The policy in force decides, also over an update that changes the policy itself.
+        governance.authorize(current, current_record.creator, "update", signers)
+        governance.check_imports(session, self.store)
+        _announce(session)
         version = self.store.update_session(
             name, current_record.hash, session.hash, signed.session.encode()
         )
@@ -171,7 +177,7 @@ class Cas:
                 "the read request's signature does not verify", reason="bad-signature"
             )
         session = Session.from_yaml(record.document)
-        _authorize(session, record.creator, "read", [req.public_key])
+        governance.authorize(session, record.creator, "read", [req.public_key])
         return protocol.SessionView(
             name=name, hash=record.hash, version=record.version, session=record.document.decode()
         )
@@ -242,21 +248,41 @@ class Cas:
             raise NotFound(
                 f"session {req.session!r} has no service {req.service!r}", reason="no-such-service"
             )
-        # (4) genuine evidence
-        claims = verifier.verify(evidence, now=now)
-        # (5) bound to this nonce and to both keys of this activation
-        csr_der = csr_key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        # (3a) second factors the session asks for: service access token, one-time password
+        resolver = secretlib.Resolver(
+            self.store,
+            session,
+            record.hash,
+            now=now,
+            lookup=governance.lookup(self.store),
+            workload_key=csr_key,
         )
-        binding.check_binding(
-            claims.report_data,
-            bytes.fromhex(req.nonce),
-            protocol.activation_key_material(hpke_pub_raw, csr_der),
-        )
-        # (6) acceptable to the session
-        policy.appraise(claims, service, session.document.security.attestation)
+        _check_second_factors(session, service.name, req, resolver, now)
+        if session.document.security.attestation.mode == "none":
+            # Development only; the loader refused this without tolerate: [no-attestation].
+            log.warning(
+                "ATTESTATION IS OFF for session %s (mode: none): %s/%s activated without "
+                "checking any evidence",
+                session.name,
+                session.name,
+                service.name,
+            )
+        else:
+            # (4) genuine evidence
+            claims = verifier.verify(evidence, now=now)
+            # (5) bound to this nonce and to both keys of this activation
+            csr_der = csr_key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            binding.check_binding(
+                claims.report_data,
+                bytes.fromhex(req.nonce),
+                protocol.activation_key_material(hpke_pub_raw, csr_der),
+            )
+            # (6) acceptable to the session
+            policy.appraise(claims, service, session.document.security.attestation)
         # (7) configuration, rendered and sealed to the workload's key
-        bundle = self._bundle(session, record.hash, service.name, csr_key, now)
+        bundle = self._bundle(session, record.hash, service.name, resolver)
         sealed = HPKE_SUITE.encrypt(
             bundle.model_dump_json().encode(),
             hpke_pub,
@@ -270,29 +296,27 @@ class Cas:
         session: Session,
         session_hash: str,
         service_name: str,
-        workload_key: pki.PublicKey,
-        now: datetime,
+        resolver: secretlib.Resolver,
     ) -> protocol.Bundle:
         service = session.service(service_name)
         assert service is not None
-        kinds = {s.name: s.kind for s in session.document.secrets}
-        marker = "CLOISTER-WORKLOAD-KEY-" + _random.token_hex(16)
-        resolver = _Resolver(self.store, session, workload_key, marker, now)
+        kinds = session.kinds()
 
         def fill(text: str) -> str:
-            return render(text, kinds, resolver.value)
+            return template.render(text, kinds, resolver.text)
 
         argv = service.argv()
         image = session.image(service.image_name)
         files = []
         for f in image.injection_files if image else []:
-            content = fill(f.content).encode()
+            content = template.render_bytes(f.content, kinds, resolver.data)
             mode = int(f.permission, 8) if f.permission else 0o600
             files.append(
                 protocol.BundleFile(
                     path=f.path, content=base64.b64encode(content).decode(), mode=mode
                 )
             )
+        # Host arguments and variables (@@1, @@NAME) stay as they are: the agent fills them.
         return protocol.Bundle(
             session=session.name,
             service=service.name,
@@ -301,125 +325,69 @@ class Cas:
             environment={k: fill(v) for k, v in service.environment.items()},
             pwd=fill(service.pwd) if service.pwd else None,
             files=files,
-            key_marker=marker,
+            key_marker=resolver.marker,
             certificates=resolver.issued_pem(),
         )
 
+    # --- public exports --------------------------------------------------------------------
 
-class _Resolver:
-    """Secret values for one activation: stored ones created once, workload certs issued now."""
-
-    def __init__(
-        self,
-        store: Store,
-        session: Session,
-        workload_key: pki.PublicKey,
-        marker: str,
-        now: datetime,
-    ) -> None:
-        self.store = store
-        self.session = session
-        self.workload_key = workload_key
-        self.marker = marker
-        self.now = now
-        self._issued: dict[str, secretlib.SecretValue] = {}
-
-    def value(self, placeholder: Placeholder) -> str:
-        secret = self.session.secret(placeholder.secret)
-        assert secret is not None  # the loader checked every placeholder
-        if secret.kind == "x509" and secret.private_key is None:
-            # Bound to the workload's own key, which never leaves the workload.
-            value = self._workload_cert(secret.name)
-            if placeholder.format in ("key", "privatekey"):
-                return self.marker
-            return secretlib.render(value, placeholder)
-        return secretlib.render(self.stored(secret.name), placeholder)
-
-    def stored(self, name: str) -> secretlib.SecretValue:
-        secret = self.session.secret(name)
-        assert secret is not None
-        issuer = self.stored(secret.issuer) if secret.issuer else None
-        private_key = self.stored(secret.private_key) if secret.private_key else None
-
-        def make() -> bytes:
-            return secretlib.generate(
-                secret, now=self.now, issuer=issuer, private_key=private_key
-            ).to_bytes()
-
-        value = secretlib.SecretValue.from_bytes(
-            self.store.create_secret(self.session.name, name, secret.kind, make)
+    def public_secret(self, session_name: str, secret_name: str, now: datetime) -> str:
+        """A secret its session publishes (``export_public: true``): certificates as PEM
+        (never a key), explicit ascii/binary values as text/hex. Unauthenticated."""
+        record = self.store.current_session(session_name)
+        session = Session.from_yaml(record.document) if record is not None else None
+        secret = session.secret(secret_name) if session is not None else None
+        if session is None or record is None or secret is None or not secret.export_public:
+            # One answer for "no such session", "no such secret" and "not public": no oracle.
+            raise NotFound("no such public secret", reason="no-such-public-secret")
+        resolver = secretlib.Resolver(
+            self.store, session, record.hash, now=now, lookup=governance.lookup(self.store)
         )
-        if secret.kind == "x509" and _needs_renewal(value, self.now):
-            renewed = secretlib.SecretValue.from_bytes(make())
-            self.store.replace_secret(self.session.name, name, secret.kind, renewed.to_bytes())
-            value = renewed
-        return value
-
-    def _workload_cert(self, name: str) -> secretlib.SecretValue:
-        if name not in self._issued:
-            secret = self.session.secret(name)
-            assert secret is not None and secret.issuer is not None
-            issuer = self.stored(secret.issuer)
-            cert = secretlib.issue_for(secret, issuer, self.workload_key, now=self.now)
-            self._issued[name] = secretlib.SecretValue(
-                "x509",
-                cert=cert.public_bytes(serialization.Encoding.DER),
-                chain=(issuer.cert or b"",),
-            )
-        return self._issued[name]
-
-    def issued_pem(self) -> dict[str, str]:
-        from cryptography import x509
-
-        return {
-            name: x509.load_der_x509_certificate(v.cert or b"")
-            .public_bytes(serialization.Encoding.PEM)
-            .decode()
-            for name, v in self._issued.items()
-        }
+        value = resolver.value(secret_name)
+        kind = secret.kind or value.kind
+        fmt = {"ascii": "raw", "binary": "hex", "x509": "crt", "x509-ca": "trust"}.get(kind)
+        if fmt is None:
+            raise NotFound("no such public secret", reason="no-such-public-secret")
+        return secretlib.render(value.public(), template.Placeholder(secret_name, fmt), now=now)
 
 
-def _needs_renewal(value: secretlib.SecretValue, now: datetime) -> bool:
-    cert = value.certificate()
-    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
-    return cert.not_valid_after_utc - now < max(lifetime / 3, timedelta(minutes=1))
+def _check_second_factors(
+    session: Session,
+    service: str,
+    req: protocol.ActivationRequest,
+    resolver: secretlib.Resolver,
+    now: datetime,
+) -> None:
+    """SCONE's service access token and TOTP (RFC 6238) one-time password, if configured."""
+    import hmac
 
-
-def _valid_signers(signed: protocol.SignedSession, operation: str, session_hash: str) -> list[str]:
-    """The owner keys (``ed25519:...``) whose signature over this operation verifies."""
-    out: list[str] = []
-    for sig in signed.signatures:
-        try:
-            raw = parse_public_key(sig.public_key)
-        except ValueError:
-            continue
-        if signatures.verify(raw, sig.signature, operation, session_hash):
-            canonical = signatures.format_public_key(raw)
-            if canonical not in out:
-                out.append(canonical)
-    return out
-
-
-def _authorize(session: Session, creator: str, verb: str, signers: list[str]) -> None:
-    entries = getattr(session.document.access_policy, verb)
-    allowed: set[str] = set()
-    for entry in entries:
-        if entry == "CREATOR":
-            allowed.add(creator)
-        elif entry != "NONE":
-            allowed.add(signatures.format_public_key(parse_public_key(entry)))
-    if not any(canonical_key(s) in allowed for s in signers):
+    token = session.document.security.service_access_token
+    if token is not None and not hmac.compare_digest(
+        (req.service_access_token or "").encode(), token.encode()
+    ):
         raise AccessDenied(
-            f"no key allowed to {verb} session {session.name!r} signed this request",
-            reason="not-authorized",
+            "this session needs its service access token (SCONE_SERVICE_ACCESS_TOKEN)",
+            reason="access-token-invalid",
+        )
+    svc = session.service(service)
+    assert svc is not None
+    shared = (
+        svc.one_time_password_shared_secret
+        or session.document.security.attestation.one_time_password_shared_secret
+    )
+    if shared is None:
+        return
+    text = template.render(shared, session.kinds(), resolver.text)
+    if not req.otp or not secretlib.totp_verify(text, req.otp, now):
+        raise AccessDenied(
+            "this service needs a current one-time password (SCONE_CONFIG_ID=session/service@OTP)",
+            reason="otp-invalid",
         )
 
 
-def canonical_key(text: str) -> str:
-    try:
-        return signatures.format_public_key(parse_public_key(text))
-    except ValueError:
-        return ""
+def _announce(session: Session) -> None:
+    for warning in session.warnings:
+        log.warning("session %s: %s", session.name, warning)
 
 
 def _verify_read(key: bytes, req: protocol.SignedRead, name: str) -> bool:

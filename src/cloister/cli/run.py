@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from cloister import protocol
 from cloister.agent import activation, inject
 from cloister.agent.evidence import EvidenceProvider, SimulatedProvider
 from cloister.attestation import simulated
@@ -19,14 +20,27 @@ from cloister.client import CasClient, cloister_home
 log = logging.getLogger(__name__)
 
 
-def _config_id(session: str | None, service: str | None) -> tuple[str, str]:
-    if session and service:
-        return session, service
+def _config_id(session: str | None, service: str | None) -> tuple[str, str, str | None]:
+    """Session, service and one-time password (SCONE: ``SCONE_CONFIG_ID=session/service@OTP``)."""
     config_id = os.environ.get("SCONE_CONFIG_ID", "")
+    config_id, _, otp = config_id.partition("@")
+    if session and service:
+        return session, service, otp or None
     name, sep, svc = config_id.rpartition("/")
     if not sep or not name or not svc:
         raise usage_error("name --session and --service, or set SCONE_CONFIG_ID=session/service")
-    return session or name, service or svc
+    return session or name, service or svc, otp or None
+
+
+class _SecondFactors(CasClient):
+    """A CAS client that adds the session's second factors to the activation request."""
+
+    def __init__(self, url: str, *, cert_pem: bytes | None, otp: str | None, token: str | None):
+        super().__init__(url, cert_pem=cert_pem)
+        self._factors = {"otp": otp, "service_access_token": token}
+
+    def activate(self, req: protocol.ActivationRequest) -> protocol.ActivationResponse:
+        return super().activate(req.model_copy(update=self._factors))
 
 
 def _cas_url(cas: str | None) -> str:
@@ -91,14 +105,19 @@ def run(
 ) -> None:
     """Attest this workload, receive its configuration and exec the program (CMD after --)."""
     cmd = list(ctx.args)
-    session, service = _config_id(session, service)
+    session, service, otp = _config_id(session, service)
+    token = os.environ.get("SCONE_SERVICE_ACCESS_TOKEN") or None
     url = _cas_url(cas)
     provider = _provider(simulation, measure, cmd)
     cert_pem = cas_cert.read_bytes() if cas_cert else None
-    with CasClient(url, cert_pem=cert_pem) as client:
+    with _SecondFactors(url, cert_pem=cert_pem, otp=otp, token=token) as client:
         activated = activation.activate(client, provider, session, service)
     prepared = inject.prepare(
-        activated.bundle, activated.tls_key_pem(), base_env=os.environ, root=files_root
+        activated.bundle,
+        activated.tls_key_pem(),
+        base_env=os.environ,
+        root=files_root,
+        host_argv=cmd,
     )
     argv = prepared.argv if prepared.argv is not None else cmd
     if not argv:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from cloister import limits
 from cloister.errors import SessionError
-from cloister.session import _checks, _keys, template
+from cloister.session import _access, _checks, _compat, _keys, _sharing, template
 from cloister.session._keys import format_public_key, parse_public_key, public_key_of
 from cloister.session._models import (
     AccessPolicy,
@@ -41,23 +41,32 @@ __all__ = [
     "Service",
     "Session",
     "SessionDocument",
+    "access",
     "format_public_key",
     "parse_duration",
     "parse_public_key",
     "public_key_of",
+    "sharing",
     "signatures",
     "template",
 ]
 
 signatures = _keys
+access = _access
+sharing = _sharing
 
 
 @dataclass(frozen=True)
 class Session:
-    """A valid session document and its hash (SHA-256 of the canonical form, lowercase hex)."""
+    """A valid session document and its hash (SHA-256 of the canonical form, lowercase hex).
+
+    ``warnings`` name every SCONE key that does not apply here but leaves the session's
+    meaning intact, and every development-only setting; ``cloister session check`` prints them.
+    """
 
     document: SessionDocument
     hash: str
+    warnings: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -69,7 +78,7 @@ class Session:
         if len(raw) > limits.MAX_SESSION_BYTES:
             raise SessionError(f"the session is larger than {limits.MAX_SESSION_BYTES} bytes")
         try:
-            data = yaml.safe_load(raw)
+            data = yaml.load(raw, Loader=_compat.Loader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -81,12 +90,19 @@ class Session:
     def from_dict(cls, data: Any) -> Session:
         if not isinstance(data, dict):
             raise SessionError("a session is a YAML mapping with at least name and version")
+        data, warnings = _compat.inspect(data)
+        data = _compat.expand_fragments(data)
         try:
             doc = SessionDocument.model_validate(data)
         except ValidationError as exc:
             raise SessionError(_describe(exc)) from None
         _checks.check(doc)
-        return cls(doc, canonical_hash(doc))
+        if doc.security.attestation.mode == "none":
+            warnings.append(
+                "security.attestation.mode: none: ATTESTATION IS OFF; anyone who reaches the "
+                "CAS receives this session's secrets (development only)"
+            )
+        return cls(doc, canonical_hash(doc), tuple(warnings))
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.document.services if s.name == name), None)
@@ -99,14 +115,26 @@ class Session:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(
-            self.document.model_dump(mode="json", exclude_defaults=True), sort_keys=False
+            self.document.model_dump(mode="json", exclude_defaults=True, by_alias=True),
+            sort_keys=False,
         )
+
+    def check_placeholders(self, kinds: dict[str, str]) -> None:
+        """Re-check every placeholder with ``kinds`` (imports resolved to their real kinds)."""
+        _checks.placeholders_resolve_with(self.document, kinds)
+
+    def kinds(self) -> dict[str, str]:
+        """Secret name → kind (``imported`` for an import whose kind the exporter decides)."""
+        return _checks.secret_kinds(self.document)
 
 
 def canonical_form(doc: SessionDocument) -> bytes:
     """Deterministic bytes of a document: every field, sorted keys, no whitespace."""
     return json.dumps(
-        doc.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        doc.model_dump(mode="json", by_alias=True),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
     ).encode()
 
 

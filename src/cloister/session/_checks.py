@@ -6,11 +6,13 @@ offending part, so that ``cloister session check`` tells the owner exactly what 
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 from cloister.errors import SessionError
-from cloister.session import _keys, template
+from cloister.session import _access, template
 from cloister.session._models import Attestation, SessionDocument
 
 
@@ -36,44 +38,86 @@ def images_exist(doc: SessionDocument) -> None:
 
 
 def issuers_exist(doc: SessionDocument) -> None:
-    kinds = {s.name: s.kind for s in doc.secrets}
+    kinds = secret_kinds(doc)
     for s in doc.secrets:
-        if s.issuer is not None and kinds.get(s.issuer) != "x509-ca":
+        if s.issuer is not None and kinds.get(s.issuer) not in ("x509-ca", template.IMPORTED):
             raise SessionError(
                 f"secret {s.name!r} names issuer {s.issuer!r}, which is not an x509-ca secret "
                 "of this session"
             )
-        if s.private_key is not None and kinds.get(s.private_key) != "private-key":
+        if s.private_key is not None and kinds.get(s.private_key) not in (
+            "private-key",
+            template.IMPORTED,
+        ):
             raise SessionError(
                 f"secret {s.name!r} names private_key {s.private_key!r}, which is not a "
                 "private-key secret of this session"
             )
 
 
+def secret_kinds(doc: SessionDocument) -> dict[str, str]:
+    """Secret name → kind; an imported secret without a declared kind is ``imported``."""
+    return {s.name: s.kind or template.IMPORTED for s in doc.secrets}
+
+
 def placeholders_resolve(doc: SessionDocument) -> None:
-    kinds = {s.name: s.kind for s in doc.secrets}
+    placeholders_resolve_with(doc, secret_kinds(doc))
+
+
+def placeholders_resolve_with(doc: SessionDocument, kinds: Mapping[str, str]) -> None:
     for svc in doc.services:
         where = f"service {svc.name!r}"
         for arg in svc.argv() or []:
-            _find_all(arg, kinds, f"{where} command")
+            _find_all(arg, kinds, f"{where} command", "command")
         for key, value in svc.environment.items():
-            _find_all(value, kinds, f"{where} environment {key}")
+            _find_all(value, kinds, f"{where} environment {key}", "environment")
         if svc.pwd:
-            _find_all(svc.pwd, kinds, f"{where} pwd")
+            _find_all(svc.pwd, kinds, f"{where} pwd", "pwd")
     for image in doc.images:
         for f in image.injection_files:
-            _find_all(f.content, kinds, f"image {image.name!r} file {f.path}")
+            _find_all(f.content, kinds, f"image {image.name!r} file {f.path}", "file")
+    bound = {s.name for s in doc.secrets if s.is_workload_bound()}
+    for svc in doc.services:
+        used = next((i for i in doc.images if i.name == svc.image_name), None)
+        texts = [*(svc.argv() or []), *svc.environment.values(), svc.pwd or ""]
+        texts += [f.content for f in used.injection_files] if used else []
+        for text in texts:
+            for p in template.find(text, kinds, "file"):
+                if p.secret in bound and p.format in ("key-der", "pkcs12"):
+                    raise SessionError(
+                        f"placeholder for {p.secret!r} as {p.spelled!r}: that certificate's key "
+                        "is the workload's own and reaches it only as PEM (:key); give the "
+                        "secret a private_key to use this format"
+                    )
 
 
-def _find_all(text: str, kinds: Mapping[str, str], where: str) -> None:
+def _find_all(text: str, kinds: Mapping[str, str], where: str, context: template.Context) -> None:
     try:
-        list(template.find(text, kinds))
+        list(template.find(text, kinds, context))
     except SessionError as exc:
         raise SessionError(f"{where}: {exc.message}") from None
 
 
+def host_arguments_are_distinct(doc: SessionDocument) -> None:
+    # SCONE: a position asked for twice (@@1 @@1) is a fatal error.
+    for svc in doc.services:
+        positions = template.host_argument_positions(svc.argv() or [])
+        dupes = sorted({p for p in positions if positions.count(p) > 1})
+        if dupes:
+            raise SessionError(
+                f"service {svc.name!r} command asks for host argument(s) "
+                f"{', '.join(f'@@{p}' for p in dupes)} more than once"
+            )
+        if 0 in positions:
+            raise SessionError(
+                f"service {svc.name!r}: host arguments count from @@1 (@@0 is the program)"
+            )
+
+
 def services_are_measured(doc: SessionDocument) -> None:
     # An empty rule set is a load error, never a pass (cf. sigstore's AllOf refusing vacuity).
+    if doc.security.attestation.mode == "none":
+        return  # attestation is off, loudly (see no_attestation_is_tolerated)
     for svc in doc.services:
         if not svc.attestation:
             raise SessionError(
@@ -101,19 +145,84 @@ def simulation_is_tolerated(doc: SessionDocument) -> None:
 
 
 def access_policy_is_valid(doc: SessionDocument) -> None:
-    for verb in ("read", "update"):
-        entries = getattr(doc.access_policy, verb)
-        if not entries:
-            raise SessionError(f"access_policy.{verb} is empty; write NONE to deny everyone")
-        if "NONE" in entries and len(entries) > 1:
-            raise SessionError(f"access_policy.{verb}: NONE cannot be combined with other entries")
-        for entry in entries:
-            if entry in ("CREATOR", "NONE"):
-                continue
-            try:
-                _keys.parse_public_key(entry)
-            except ValueError as exc:
-                raise SessionError(f"access_policy.{verb}: {exc}") from None
+    for verb in ("read", "update", "create_sessions"):
+        _access.parse(
+            doc.access_policy.rules_for(verb),
+            f"access_policy.{verb}",
+            governance=verb != "read",
+        )
+
+
+def no_attestation_is_tolerated(doc: SessionDocument) -> None:
+    att = doc.security.attestation
+    if att.mode == "none" and "no-attestation" not in att.tolerate:
+        raise SessionError(
+            "security.attestation.mode: none switches attestation off, so anyone who reaches "
+            "the CAS gets this session's secrets; it loads only with tolerate: [no-attestation] "
+            "(development only)"
+        )
+
+
+def one_time_passwords_are_strong(doc: SessionDocument) -> None:
+    kinds = secret_kinds(doc)
+    where_values = [
+        ("security.attestation", doc.security.attestation.one_time_password_shared_secret)
+    ]
+    where_values += [
+        (f"service {s.name!r}", s.one_time_password_shared_secret) for s in doc.services
+    ]
+    for where, value in where_values:
+        if value is None:
+            continue
+        refs = list(template.find(value, kinds, "environment"))
+        if refs:
+            ref = refs[0]
+            secret = next(s for s in doc.secrets if s.name == ref.secret)
+            if secret.kind == "binary" and (secret.size or 20) < 16:
+                raise SessionError(
+                    f"{where}: the OTP secret {ref.secret!r} must be at least 16 bytes"
+                )
+            continue
+        try:
+            key = base32_decode(value)
+        except ValueError:
+            raise SessionError(
+                f"{where}: one_time_password_shared_secret is not RFC 4648 base32"
+            ) from None
+        if len(key) < 16:
+            raise SessionError(
+                f"{where}: one_time_password_shared_secret must carry at least 128 bits"
+            )
+
+
+def base32_decode(text: str) -> bytes:
+    t = text.strip().replace(" ", "").upper()
+    try:
+        return base64.b32decode(t + "=" * (-len(t) % 8))
+    except (binascii.Error, ValueError):
+        raise ValueError("not base32") from None
+
+
+def imports_are_well_formed(doc: SessionDocument) -> None:
+    from cloister.session import _sharing
+
+    for s in doc.secrets:
+        for target in s.export:
+            _sharing.resolve(doc.name, target.session or target.namespace or "")
+        if s.import_ is not None and _sharing.resolve(doc.name, s.import_.session) == doc.name:
+            raise SessionError(f"secret {s.name!r} imports from its own session")
+        if s.export_public and s.kind in ("private-key", "binary", "ascii") and s.value is None:
+            # Publishing a generated secret to the world is almost always a mistake; SCONE
+            # allows it, so it loads, but only for values someone chose on purpose.
+            raise SessionError(
+                f"secret {s.name!r}: export_public publishes the value to anyone; a generated "
+                f"{s.kind} published like that is refused (give an explicit value)"
+            )
+        if s.export_public and s.kind == "x509" and s.private_key is None and s.value is None:
+            raise SessionError(
+                f"secret {s.name!r}: a certificate bound to each workload's key cannot be "
+                "published; export_public applies to stored certificates (give private_key)"
+            )
 
 
 ALL: tuple[Callable[[SessionDocument], None], ...] = (
@@ -124,6 +233,10 @@ ALL: tuple[Callable[[SessionDocument], None], ...] = (
     services_are_measured,
     simulation_is_tolerated,
     access_policy_is_valid,
+    no_attestation_is_tolerated,
+    one_time_passwords_are_strong,
+    host_arguments_are_distinct,
+    imports_are_well_formed,
 )
 
 

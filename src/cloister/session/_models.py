@@ -7,6 +7,7 @@ says what each part may look like.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -26,6 +27,8 @@ TOLERATIONS = frozenset(
         "configuration-needed",
         "hyperthreading",
         "simulation",
+        # Cloister: lets ``security.attestation.mode: none`` load (development only).
+        "no-attestation",
     }
 )
 
@@ -109,6 +112,33 @@ class Attestation(Model):
         "simulation": {"measurement"},
     }
 
+    @model_validator(mode="before")
+    @classmethod
+    def _scone_signer(cls, data: Any) -> Any:
+        # SCONE writes SGX signer constraints nested: ``signer: {mrsigner, isvprodid,
+        # isvsvn_min}``. A floor is what the flat ``isvsvn`` means here.
+        if not isinstance(data, dict) or "signer" not in data:
+            return data
+        signer = data["signer"]
+        if not isinstance(signer, dict):
+            raise ValueError("signer must be a mapping with mrsigner and isvprodid")
+        out = {k: v for k, v in data.items() if k != "signer"}
+        for key in signer:
+            if key not in ("mrsigner", "isvprodid", "isvsvn", "isvsvn_min"):
+                raise ValueError(
+                    f"signer.{key} is not supported (give mrsigner, isvprodid and an "
+                    "isvsvn_min floor)"
+                )
+        if "isvsvn" in signer:
+            raise ValueError(
+                "signer.isvsvn asks for one exact version; write isvsvn_min for a floor"
+            )
+        out["mrsigner"] = signer.get("mrsigner")
+        out["isvprodid"] = signer.get("isvprodid")
+        if "isvsvn_min" in signer:
+            out["isvsvn"] = signer["isvsvn_min"]
+        return out
+
     @field_validator(
         "mrenclave",
         "mrsigner",
@@ -148,59 +178,213 @@ class Attestation(Model):
 
 # --- secrets -------------------------------------------------------------------------------
 
-SecretKind = Literal["ascii", "binary", "private-key", "x509-ca", "x509"]
+SecretKind = Literal["ascii", "binary", "private-key", "x509-ca", "x509", "config-fragment"]
+KeyType = Literal["P-256", "P-384", "Ed25519", "RSA-2048", "RSA-3072"]
+_REMOTE_KEYS = ("cas_url", "cas_key", "cas_software_key")
+
+
+def _local_only(data: Any, where: str) -> Any:
+    if isinstance(data, str):
+        raise ValueError(
+            f"{where} {data!r}: the SCONE URL short form names sessions on another CAS, which "
+            "does not apply here; write session: NAME"
+        )
+    if isinstance(data, dict):
+        remote = [k for k in _REMOTE_KEYS if k in data]
+        if remote:
+            raise ValueError(
+                f"{where}: {', '.join(remote)} name a session on another CAS; sharing across "
+                "CAS instances does not apply here"
+            )
+    return data
+
+
+class ExportTarget(Model):
+    """Who may import a secret: one session (optionally pinned by hash) or a namespace."""
+
+    session: str | None = None
+    namespace: str | None = None
+    session_hash: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local(cls, data: Any) -> Any:
+        return _local_only(data, "export")
+
+    @model_validator(mode="after")
+    def _one(self) -> ExportTarget:
+        if (self.session is None) == (self.namespace is None):
+            raise ValueError("an export names exactly one of session or namespace")
+        if self.namespace is not None and self.session_hash is not None:
+            raise ValueError("an export to a namespace cannot pin a session_hash")
+        if self.session_hash is not None:
+            _hex(self.session_hash, "session_hash", 32)
+        return self
+
+
+class SecretImport(Model):
+    session: str
+    secret: str
+    session_hash: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local(cls, data: Any) -> Any:
+        return _local_only(data, "import")
+
+    @field_validator("secret")
+    @classmethod
+    def _valid_secret(cls, v: str) -> str:
+        return _name(v, "imported secret name")
+
+    @field_validator("session_hash")
+    @classmethod
+    def _hash(cls, v: str | None) -> str | None:
+        return None if v is None else _hex(v, "session_hash", 32)
+
+
+_SAN_RE = re.compile(r"^(dns|ip):(.+)$")
 
 
 class Secret(Model):
     name: str
-    kind: SecretKind
+    kind: SecretKind | None = None
     size: int | None = Field(default=None, ge=1, le=65536)
-    value: str | None = None
+    value: Any = None
     # private-key
-    key_type: Literal["P-256", "P-384", "Ed25519", "RSA-2048", "RSA-3072"] | None = None
+    key_type: KeyType | None = None
+    migrate: bool = False
     # x509 and x509-ca
     issuer: str | None = None
     private_key: str | None = None
     common_name: str | None = None
     dns: list[str] = Field(default_factory=list)
     ip: list[str] = Field(default_factory=list)
+    san: list[str] = Field(default_factory=list)
     endpoint: Literal["server", "client", "server-client"] | None = None
     valid_for: str | None = None
+    # sharing between sessions
+    export: list[ExportTarget] = Field(default_factory=list)
+    export_public: bool = False
+    import_: SecretImport | None = Field(default=None, alias="import")
 
     @field_validator("name")
     @classmethod
     def _valid_name(cls, v: str) -> str:
         return _name(v, "secret name")
 
-    @field_validator("dns", "ip", mode="before")
+    @field_validator("dns", "ip", "san", "export", mode="before")
     @classmethod
     def _to_list(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return [v]
         return _listify(v)
+
+    @field_validator("san")
+    @classmethod
+    def _san(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            if not _SAN_RE.match(entry):
+                raise ValueError(f"san entry {entry!r} must be 'dns:NAME' or 'ip:ADDRESS'")
+        return v
+
+    @field_validator("ip")
+    @classmethod
+    def _ips(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            try:
+                ipaddress.ip_address(entry)
+            except ValueError:
+                raise ValueError(f"ip entry {entry!r} is not an IP address") from None
+        return v
+
+    def dns_names(self) -> list[str]:
+        return [*self.dns, *(e[4:] for e in self.san if e.startswith("dns:"))]
+
+    def ip_addresses(self) -> list[str]:
+        return [*self.ip, *(e[3:] for e in self.san if e.startswith("ip:"))]
 
     @model_validator(mode="after")
     def _check(self) -> Secret:
-        x509_only = {"issuer", "common_name", "dns", "ip", "endpoint", "valid_for", "private_key"}
+        if self.import_ is not None:
+            return self._check_import()
+        if self.kind is None:
+            raise ValueError("kind is required unless the secret is imported")
+        x509_only = {
+            "issuer", "common_name", "dns", "ip", "san", "endpoint", "valid_for", "private_key"
+        }  # fmt: skip
         if self.kind not in ("x509", "x509-ca"):
             used = {k for k in x509_only if getattr(self, k)}
             if used:
                 raise ValueError(
                     f"{', '.join(sorted(used))} apply only to x509 and x509-ca secrets"
                 )
-        if self.kind == "x509" and self.issuer is None:
-            raise ValueError("an x509 secret needs an issuer (the name of an x509-ca secret)")
-        if self.kind == "x509-ca" and self.issuer is not None:
-            raise ValueError("an x509-ca is self-signed here; intermediate CAs are not supported")
+        if self.kind == "x509-ca" and (self.dns or self.ip or self.san or self.endpoint):
+            raise ValueError("dns, ip, san and endpoint apply only to end-entity (x509) secrets")
+        if self.kind == "x509" and self.endpoint == "client" and self.dns_names():
+            raise ValueError("a client certificate (endpoint: client) carries no DNS names")
+        if self.kind == "x509" and self.issuer is None and self.value is None:
+            if self.private_key is None:
+                raise ValueError(
+                    "an x509 secret needs an issuer (an x509-ca secret), or a private_key to "
+                    "be self-signed with"
+                )
         if self.size is not None and self.kind not in ("ascii", "binary"):
             raise ValueError("size applies only to ascii and binary secrets")
-        if self.value is not None and self.kind not in ("ascii", "binary"):
-            raise ValueError("explicit values are supported for ascii and binary secrets")
-        if self.kind == "binary" and self.value is not None:
-            _hex(self.value, "a binary secret's explicit value")
         if self.key_type is not None and self.kind != "private-key":
             raise ValueError("key_type applies only to private-key secrets")
+        if self.migrate and self.kind != "private-key":
+            raise ValueError("migrate applies only to private-key secrets")
+        self._check_value()
         if self.valid_for is not None:
             parse_duration(self.valid_for)
         return self
+
+    def _check_import(self) -> Secret:
+        given = sorted(
+            k
+            for k, f in type(self).model_fields.items()
+            if k not in ("name", "kind", "import_")
+            and getattr(self, k) != f.get_default(call_default_factory=True)
+        )
+        if given:
+            raise ValueError(
+                f"an imported secret takes its value from the exporter; remove {', '.join(given)}"
+            )
+        return self
+
+    def _check_value(self) -> None:
+        v = self.value
+        if self.kind == "config-fragment":
+            if v is None:
+                raise ValueError("a config-fragment needs an explicit value or an import")
+            return
+        if v is None:
+            return
+        if isinstance(v, bool) or not isinstance(v, str | int | float):
+            raise ValueError(f"the explicit value of a {self.kind} secret must be a string")
+        text = str(v)
+        if self.kind == "binary":
+            _hex(text, "a binary secret's explicit value")
+        elif self.kind == "ascii":
+            if "\x00" in text or not text.isascii():
+                raise ValueError("an ascii secret's value must be ASCII without NUL bytes")
+        elif self.kind == "private-key" and "-----BEGIN PRIVATE KEY-----" not in text:
+            raise ValueError("a private-key's explicit value must be a PEM PKCS#8 private key")
+        elif self.kind in ("x509", "x509-ca") and "-----BEGIN CERTIFICATE-----" not in text:
+            raise ValueError(f"an {self.kind}'s explicit value must be a PEM certificate")
+
+    def explicit_text(self) -> str | None:
+        return None if self.value is None else str(self.value)
+
+    def is_workload_bound(self) -> bool:
+        """An x509 issued per activation for the workload's own key (Cloister's default)."""
+        return (
+            self.kind == "x509"
+            and self.import_ is None
+            and self.private_key is None
+            and self.value is None
+        )
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|seconds?|minutes?|hours?|days?|years?|y)\s*$")
@@ -227,6 +411,23 @@ class Service(Model):
     environment: dict[str, str] = Field(default_factory=dict)
     pwd: str | None = None
     attestation: list[Attestation] = Field(default_factory=list)
+    # SCONE's legacy form of attestation: a list of accepted MRENCLAVEs (one more alternative).
+    mrenclaves: list[str] = Field(default_factory=list, exclude=True)
+    one_time_password_shared_secret: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_mrenclaves(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mrenclaves"):
+            out = dict(data)
+            alts = out.get("attestation") or []
+            alts = [alts] if isinstance(alts, dict) else list(alts)
+            mrs = out["mrenclaves"]
+            alts.append({"tee": "sgx", "mrenclave": [mrs] if isinstance(mrs, str) else mrs})
+            out["attestation"] = alts
+            out["mrenclaves"] = []
+            return out
+        return data
 
     @field_validator("name")
     @classmethod
@@ -300,19 +501,42 @@ class Image(Model):
 # --- access policy and security ------------------------------------------------------------
 
 
-class AccessPolicy(Model):
-    read: list[str] = Field(default_factory=lambda: ["CREATOR"])
-    update: list[str] = Field(default_factory=lambda: ["CREATOR"])
+AccessEntry = str | dict[str, Any]
 
-    @field_validator("read", "update", mode="before")
+
+def _creator() -> list[AccessEntry]:
+    return ["CREATOR"]
+
+
+class AccessPolicy(Model):
+    """Who may read, update, or create sessions below this one (rules: ``_access.py``)."""
+
+    read: list[AccessEntry] = Field(default_factory=lambda: _creator())
+    update: list[AccessEntry] = Field(default_factory=lambda: _creator())
+    # SCONE: when omitted, whoever may update may create sessions in the namespace.
+    create_sessions: list[AccessEntry] | None = None
+
+    @field_validator("read", "update", "create_sessions", mode="before")
     @classmethod
     def _to_list(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return [v]
         return _listify(v)
+
+    def rules_for(self, verb: str) -> list[AccessEntry]:
+        if verb == "create_sessions":
+            return self.update if self.create_sessions is None else self.create_sessions
+        entries: list[AccessEntry] = getattr(self, verb)
+        return entries
 
 
 class AttestationSecurity(Model):
     tolerate: list[str] = Field(default_factory=list)
     ignore_advisories: list[str] = Field(default_factory=list)
+    # ``none`` switches attestation off: a development mode that needs the ``no-attestation``
+    # toleration and is announced at load and at every activation.
+    mode: Literal["hardware", "none"] = "hardware"
+    one_time_password_shared_secret: str | None = None
 
     @field_validator("tolerate", "ignore_advisories", mode="before")
     @classmethod
@@ -333,6 +557,7 @@ class AttestationSecurity(Model):
 
 class Security(Model):
     attestation: AttestationSecurity = Field(default_factory=AttestationSecurity)
+    service_access_token: str | None = Field(default=None, min_length=1, max_length=1024)
 
 
 class SessionDocument(Model):
