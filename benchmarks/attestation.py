@@ -134,14 +134,16 @@ def qvl_call(v: Vector) -> Callable[[], object] | None:
     return call
 
 
-def row(label: str, samples: list[float]) -> tuple[str, str, str, str, str]:
+def row(label: str, samples: list[float]) -> tuple[str, ...]:
     ms = sorted(s * 1e3 for s in samples)
     p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+    median = statistics.median(ms)
     return (
         label,
         f"{len(ms) / sum(samples):,.0f}",
+        f"{1e3 / median:,.0f}",
         f"{statistics.mean(ms):.3f}",
-        f"{statistics.median(ms):.3f}",
+        f"{median:.3f}",
         f"{p99:.3f}",
     )
 
@@ -170,13 +172,20 @@ def main() -> int:
         qvl = qvl_call(v)
         if qvl is not None:
             rows.append(row(f"{v.name} dcap-qvl", measure(qvl, args.seconds)))
-    header = ("evidence / mode", "verif/s", "mean ms", "p50 ms", "p99 ms")
+    # verif/s counts every sample; 1/p50 is what one core does when nothing preempts it.
+    header = ("evidence / mode", "verif/s", "1/p50 /s", "mean ms", "p50 ms", "p99 ms")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("{:<%d}" % widths[0] if i == 0 else "{:>%d}" % w for i, w in enumerate(widths))
-    print(line.format(*header))
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    print(fmt(header))
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        print(line.format(*r))
+        print(fmt(r))
     return 0
 
 
