@@ -16,19 +16,23 @@ certificates (the agent does, from the CAS) and does not read sessions (the agen
 Public surface::
 
     MeshConfig, IngressRule, EgressRule, TlsMaterial, MeshLimits   configuration (frozen)
+    check_material                                                  does OpenSSL take the TLS files?
     ServiceIdentity, PeerIdentity                                   the naming convention
     Mesh, run_mesh, run_ingress, run_egress                         running the proxies
+    serve, READY_LINE                                               ... as a process
     MeshStats                                                       counters, Prometheus text
 """
 
 from __future__ import annotations
 
+from cloister.mesh._tls import check_material
 from cloister.mesh.config import EgressRule, IngressRule, MeshConfig, MeshLimits, TlsMaterial
 from cloister.mesh.identity import PeerIdentity, ServiceIdentity
-from cloister.mesh.proxy import Mesh, run_egress, run_ingress, run_mesh
+from cloister.mesh.proxy import READY_LINE, Mesh, run_egress, run_ingress, run_mesh, serve
 from cloister.mesh.stats import MeshStats
 
 __all__ = [
+    "READY_LINE",
     "EgressRule",
     "IngressRule",
     "Mesh",
@@ -38,7 +42,9 @@ __all__ = [
     "PeerIdentity",
     "ServiceIdentity",
     "TlsMaterial",
+    "check_material",
     "run_egress",
     "run_ingress",
     "run_mesh",
+    "serve",
 ]

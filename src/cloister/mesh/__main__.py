@@ -2,8 +2,9 @@
 
 The agent starts this before it execs the application. SIGTERM and SIGINT stop it (closing
 every connection); SIGHUP re-reads the TLS material for new connections. It prints
-``cloister-mesh ready`` on standard output once every listener is bound, so that a parent can
-wait for it, and exits with status 2 on an invalid configuration.
+``cloister-mesh ready ingress=PORT ... egress=PORT ...`` on standard output once every listener
+is bound, so that a parent can wait for it, and exits with status 2 on an invalid or unreadable
+configuration. Logs go to standard error (level from ``CLOISTER_LOG_LEVEL``, default INFO).
 """
 
 from __future__ import annotations
@@ -12,32 +13,11 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 from cloister import errors
 from cloister.mesh.config import MeshConfig
-from cloister.mesh.proxy import Mesh
-
-READY_LINE = "cloister-mesh ready"
-
-
-async def serve(config: MeshConfig) -> None:
-    """Run the mesh of ``config`` until SIGTERM or SIGINT."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    async with Mesh(config) as mesh:
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, mesh.reload_tls)
-        ports = [f"ingress={p}" for p in mesh.ingress_ports]
-        ports += [f"egress={p}" for p in mesh.egress_ports]
-        print(READY_LINE, *ports, flush=True)
-        try:
-            await stop.wait()
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+from cloister.mesh.proxy import serve
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Iterator
 from typing import Final
 
+from cloister import errors
 from cloister.mesh.config import TlsMaterial
 
 # OpenSSL X509_V_ERR_* codes (include/openssl/x509_vfy.h) that get their own refusal reason.
@@ -112,3 +113,14 @@ def client_context(tls: TlsMaterial) -> ssl.SSLContext:
     ctx.check_hostname = True
     ctx.hostname_checks_common_name = False
     return ctx
+
+
+def check_material(tls: TlsMaterial) -> None:
+    """Load the material into both contexts; raise ``SessionError`` if OpenSSL refuses it."""
+    try:
+        server_context(tls)
+        client_context(tls)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise errors.SessionError(
+            f"TLS material does not load: {exc}", reason="invalid-mesh-tls"
+        ) from None

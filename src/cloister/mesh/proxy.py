@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import ssl
 import time
 from collections.abc import Callable
@@ -28,10 +29,11 @@ from cloister.mesh._link import Link, Scratch
 from cloister.mesh.config import EgressRule, IngressRule, MeshConfig
 from cloister.mesh.stats import MeshStats
 
-__all__ = ["Mesh", "run_egress", "run_ingress", "run_mesh"]
+__all__ = ["READY_LINE", "Mesh", "run_egress", "run_ingress", "run_mesh", "serve"]
 
 logger = logging.getLogger("cloister.mesh")
 
+READY_LINE: Final = "cloister-mesh ready"
 LISTEN_BACKLOG: Final = 512
 MAX_REFUSAL_LOGS_PER_SECOND: Final = 20  # per listener; the counters count every refusal
 METRICS_REQUEST_TIMEOUT: Final = 5.0  # seconds for a scraper to send its request head
@@ -390,3 +392,37 @@ async def run_mesh(
 ) -> None:
     """Run every rule of ``config`` until cancelled."""
     await _run(config, stats, on_ready, ingress=True, egress=True)
+
+
+async def serve(config: MeshConfig, *, announce: bool = True) -> None:
+    """Run every rule of ``config`` as a process's main task, until SIGTERM or SIGINT.
+
+    SIGHUP re-reads the TLS material (``Mesh.reload_tls``). With ``announce``, prints
+    ``cloister-mesh ready ingress=PORT ... egress=PORT ...`` on standard output once every
+    listener is bound, so that a parent process (the agent) can wait for it.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    async with Mesh(config) as mesh:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, _reload, mesh)
+        try:
+            if announce:
+                ports = [f"ingress={p}" for p in mesh.ingress_ports]
+                ports += [f"egress={p}" for p in mesh.egress_ports]
+                print(READY_LINE, *ports, flush=True)
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+
+def _reload(mesh: Mesh) -> None:
+    try:
+        mesh.reload_tls()
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        # Keep serving with the material already loaded; the agent sees the log line.
+        logger.error("mesh: TLS material not reloaded, keeping the current one: %s", exc)
+    else:
+        logger.info("mesh: TLS material reloaded")
