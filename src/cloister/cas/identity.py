@@ -4,10 +4,18 @@ The identity key is generated on first start and kept (sealed) in the store, so 
 CAS keeps its identity and owners' pins stay valid. The CAS's evidence binds
 ``SHA-512(nonce ‖ SPKI DER of the identity key)``: an owner who checks it knows that the TLS
 endpoint they talk to terminates inside the measured CAS.
+
+RA-TLS: the identity certificate also carries evidence in an X.509 extension
+(``pki.EVIDENCE_OID``), bound to the certificate's key with the fixed nonce ``RA_TLS_NONCE``,
+so a client can attest the CAS during the TLS handshake (``verify_ra_tls``) before it sends
+anything. That evidence is made when the certificate is (first start) and says which code
+created this identity; the interactive ``/v1/cas/evidence`` with the client's own nonce
+remains the check of what runs now.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 from collections.abc import Sequence
@@ -19,8 +27,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cloister.attestation import binding, simulated
+from cloister import pki
+from cloister.attestation import Claims, Tee, binding, simulated
+from cloister.errors import AccessDenied, AppraisalError
 from cloister.store import Store
+
+RA_TLS_NONCE = hashlib.sha256(b"cloister-ra-tls-v1").digest()
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +59,28 @@ class Identity:
         )
 
     @classmethod
-    def load_or_create(cls, store: Store, *, hostnames: Sequence[str], now: datetime) -> Identity:
+    def load_or_create(
+        cls,
+        store: Store,
+        *,
+        hostnames: Sequence[str],
+        now: datetime,
+        self_evidence: SimulatedSelf | None = None,
+    ) -> Identity:
         key_der = store.get_or_create_meta("identity-key", _new_key_der)
         key = serialization.load_der_private_key(key_der, password=None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
-        cert_der = store.get_or_create_meta(
-            "identity-cert", lambda: _self_signed(key, hostnames, now)
-        )
+
+        def make() -> bytes:
+            evidence = None
+            if self_evidence is not None:
+                spki = key.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+                evidence = self_evidence.raw(binding.report_data_for(RA_TLS_NONCE, spki))
+            return _self_signed(key, hostnames, now, evidence)
+
+        cert_der = store.get_or_create_meta("identity-cert", make)
         return cls(key, x509.load_der_x509_certificate(cert_der))
 
 
@@ -63,7 +90,12 @@ def _new_key_der() -> bytes:
     )
 
 
-def _self_signed(key: ec.EllipticCurvePrivateKey, hostnames: Sequence[str], now: datetime) -> bytes:
+def _self_signed(
+    key: ec.EllipticCurvePrivateKey,
+    hostnames: Sequence[str],
+    now: datetime,
+    evidence: tuple[Tee, bytes] | None = None,
+) -> bytes:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Cloister CAS")])
     sans: list[x509.GeneralName] = []
     for h in ["localhost", "127.0.0.1", "::1", *hostnames]:
@@ -71,7 +103,7 @@ def _self_signed(key: ec.EllipticCurvePrivateKey, hostnames: Sequence[str], now:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             sans.append(x509.DNSName(h))
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -82,9 +114,52 @@ def _self_signed(key: ec.EllipticCurvePrivateKey, hostnames: Sequence[str], now:
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
     )
+    if evidence is not None:
+        tee, raw = evidence
+        builder = builder.add_extension(
+            pki.evidence_extension(tee.value.encode() + b"\x00" + raw), critical=False
+        )
+    cert = builder.sign(key, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+def verify_ra_tls(cert: x509.Certificate, *, now: datetime, allow_simulation: bool) -> Claims:
+    """The claims of the evidence a CAS certificate carries, checked to bind its key.
+
+    (1) the certificate carries the evidence extension; (2) the evidence is genuine (only
+    simulated evidence can be checked by this client, and only when allowed); (3) its report
+    data binds ``RA_TLS_NONCE`` and the certificate's own public key. The caller compares the
+    measurement with what it expects.
+    """
+    # (1)
+    try:
+        raw = pki.evidence_in(cert)
+    except ValueError as exc:
+        raise AccessDenied(str(exc), reason="bad-evidence-extension") from None
+    if raw is None:
+        raise AccessDenied(
+            "the CAS certificate carries no evidence extension", reason="no-evidence-extension"
+        )
+    tee_name, sep, evidence = raw.partition(b"\x00")
+    try:
+        tee = Tee(tee_name.decode("ascii", "replace"))
+    except ValueError:
+        raise AccessDenied("unknown TEE in the evidence extension", reason="unknown-tee") from None
+    # (2)
+    if not sep or tee is not Tee.SIMULATION:
+        raise AccessDenied(
+            f"verifying {tee.value} evidence in a certificate is not supported by this client",
+            reason="unsupported-tee",
+        )
+    if not allow_simulation:
+        raise AppraisalError(
+            "the CAS certificate carries simulated evidence", reason="simulation-not-tolerated"
+        )
+    claims = simulated.SimulatedVerifier().verify(evidence, now=now)
+    # (3)
+    binding.check_binding(claims.report_data, RA_TLS_NONCE, pki.spki_der(cert))
+    return claims
 
 
 @dataclass(frozen=True)
@@ -93,6 +168,10 @@ class SimulatedSelf:
 
     platform: simulated.SimulatedPlatform
     measurement: bytes
+
+    def raw(self, report_data: bytes) -> tuple[Tee, bytes]:
+        log.warning("SIMULATION: the CAS puts simulated evidence into its TLS certificate")
+        return Tee.SIMULATION, self.platform.quote(self.measurement, report_data)
 
     def evidence(self, nonce: bytes, identity: Identity) -> bytes:
         log.warning("SIMULATION: the CAS produces simulated evidence of itself")
