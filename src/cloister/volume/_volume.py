@@ -23,6 +23,8 @@ expected version, or the one generation that names it as its predecessor (unless
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -50,6 +52,8 @@ _MAX_DIRTY_BLOCKS: Final = 64  # dirty plaintext blocks per file before they are
 _RUN_BLOCKS: Final = 16  # whole blocks encrypted into one buffer and written with one pwrite
 _SYNCFS_THRESHOLD: Final = 16  # above this many files to flush, one syncfs(2) beats fsyncs
 _WRITE_BEHIND_DEPTH: Final = 8  # sealed runs (up to 1 MiB each) queued for the writer thread
+_WRITE_BEHIND_MIN_BLOCKS: Final = 4  # shorter runs are written at once: a handoff costs more
+_SPARE_FILES: Final = 32  # empty data files the writer thread keeps ready for new files
 _READ_AHEAD: Final = 8 * 1024 * 1024  # bytes fetched ahead of a sequential reader
 _DEFAULT_FILE_MODE: Final = 0o644
 _DEFAULT_DIR_MODE: Final = 0o755
@@ -139,7 +143,7 @@ class Volume:
     def enable_write_behind(self) -> None:
         """Write sealed blocks on a second thread (the FUSE mount does; see ``_WriteBehind``)."""
         if self._writer is None and not self.read_only:
-            self._writer = _WriteBehind()
+            self._writer = _WriteBehind(self._data_dir)
 
     def _drain(self) -> None:
         """Wait until every queued write reached its data file (before reading or syncing)."""
@@ -350,12 +354,16 @@ class Volume:
                 raise FileNotFoundError(errno.ENOENT, "no such file", path)
             self._check_writable()
             self._parent_dir(p)
-            rec = fmt.FileRecord(
-                os.urandom(fmt.FID_BYTES), 0, mode & 0o7777, self._clock(), bytearray(), bytearray()
-            )
+            # Every file has a data file, even an empty one.
+            spare = self._writer.spare_file() if self._writer is not None else None
+            fid = spare[0] if spare is not None else os.urandom(fmt.FID_BYTES)
+            rec = fmt.FileRecord(fid, 0, mode & 0o7777, self._clock(), bytearray(), bytearray())
             self._add(p, rec)
             f = self._state(p, rec)
-            self._fd(rec.fid, create=True)  # every file has a data file, even an empty one
+            if spare is not None:
+                self._adopt_fd((fid, 0), spare[1])
+            else:
+                self._fd(fid, create=True)
             self._new_data_files = True
             self._unsynced.add((rec.fid, 0))
             self._changed.add(rec.fid)
@@ -656,12 +664,16 @@ class Volume:
             raise _integrity(
                 "the file's data is missing", "file-missing", path or self._path_of(fid)
             ) from None
+        self._adopt_fd(key, fd)
+        return fd
+
+    def _adopt_fd(self, key: tuple[bytes, int], fd: int) -> None:
         self._fds[key] = fd
         if len(self._fds) > _MAX_OPEN_DATA_FILES:
-            self._drain()  # a queued write may still use the descriptor
-            _, old = self._fds.popitem(last=False)
+            (old_fid, _), old = self._fds.popitem(last=False)
+            if old_fid in self._pending:
+                self._drain()  # a queued write may still use the descriptor
             os.close(old)
-        return fd
 
     def _physical_size(self, f: OpenFile, slot: int, *, required: bool) -> int:
         name = os.path.join(self._data_dir, fmt.data_name(f.rec.fid, slot))
@@ -763,7 +775,7 @@ class Volume:
         slot = self._slot_for(f, first)
         stride = self._stride
         need = stride * len(blocks)
-        if self._writer is not None:
+        if self._writer is not None and len(blocks) >= _WRITE_BEHIND_MIN_BLOCKS:
             buffer = bytearray(need)  # owned by the writer thread until it is written
         else:
             if len(self._batch) < need:
@@ -786,7 +798,9 @@ class Volume:
                 f.cached = None
             pos = end if k == len(blocks) - 1 else pos + stride
         fd = self._fd(rec.fid, slot, create=slot == 1, path=f.path)
-        if self._writer is not None:
+        if rec.fid in self._pending and len(blocks) < _WRITE_BEHIND_MIN_BLOCKS:
+            self._drain()  # keep writes to one file in order
+        if self._writer is not None and len(blocks) >= _WRITE_BEHIND_MIN_BLOCKS:
             self._writer.submit(fd, out[:pos], fmt.record_offset(self.block_size, first))
             self._pending.add(rec.fid)
         elif os.pwrite(fd, out[:pos], fmt.record_offset(self.block_size, first)) != pos:
@@ -908,19 +922,24 @@ NONCE_AND_TAG: Final = fmt.NONCE_BYTES + fmt.TAG_BYTES
 
 
 class _WriteBehind:
-    """Writes already-sealed records to data files on a second thread.
+    """A second thread that writes sealed records and creates data files ahead of need.
 
-    Only ciphertext crosses to the thread: slots, tags and the manifest are decided on the
-    caller's thread before a record is queued. pwrite(2) releases the GIL, so copying into the
-    page cache overlaps with receiving and encrypting the next request. Whatever reads, syncs
-    or closes a data file drains the queue first; a failed write fails every later drain, so
-    a commit can never include data that did not reach the file.
+    Only ciphertext and empty files cross to the thread: slots, tags and the manifest are
+    decided on the caller's thread before a record is queued. pwrite(2) and open(2) release
+    the GIL, so copying into the page cache and creating inodes overlap with receiving and
+    encrypting the next request. Whatever reads, syncs or closes a data file drains the queue
+    first; a failed write fails every later drain, so a commit can never include data that
+    did not reach its file. Spare data files that no manifest names are removed by the next
+    writer's recovery if the process dies, and at close otherwise.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, data_dir: str) -> None:
+        self._data_dir = data_dir
         self._queue: queue.Queue[tuple[int, memoryview, int] | None] = queue.Queue(
             maxsize=_WRITE_BEHIND_DEPTH
         )
+        self._spares: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._refilling = False
         self._error: OSError | None = None
         self._thread = threading.Thread(target=self._run, name="volume-writer", daemon=True)
         self._thread.start()
@@ -929,6 +948,17 @@ class _WriteBehind:
         self._check()
         self._queue.put((fd, data, offset))
 
+    def spare_file(self) -> tuple[bytes, int] | None:
+        """A fresh, empty data file (its id and descriptor), if one is ready."""
+        try:
+            spare = self._spares.popleft()
+        except IndexError:
+            spare = None
+        if len(self._spares) < _SPARE_FILES // 2 and not self._refilling:
+            self._refilling = True
+            self._queue.put((-1, memoryview(b""), 0))  # a refill request
+        return spare
+
     def drain(self) -> None:
         self._queue.join()
         self._check()
@@ -936,6 +966,11 @@ class _WriteBehind:
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join()
+        while self._spares:
+            fid, fd = self._spares.popleft()
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self._data_dir, fmt.data_name(fid, 0)))
 
     def _check(self) -> None:
         if self._error is not None:
@@ -948,6 +983,8 @@ class _WriteBehind:
                 if item is None:
                     return
                 fd, view, offset = item
+                if fd < 0:
+                    self._refill()
                 while view and self._error is None:
                     written = os.pwrite(fd, view, offset)
                     view, offset = view[written:], offset + written
@@ -955,6 +992,14 @@ class _WriteBehind:
                 self._error = exc
             finally:
                 self._queue.task_done()
+
+    def _refill(self) -> None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        while len(self._spares) < _SPARE_FILES:
+            fid = os.urandom(fmt.FID_BYTES)
+            fd = os.open(os.path.join(self._data_dir, fmt.data_name(fid, 0)), flags, 0o600)
+            self._spares.append((fid, fd))
+        self._refilling = False
 
 
 def _fsync_dir(path: str) -> None:
