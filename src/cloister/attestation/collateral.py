@@ -20,6 +20,7 @@ Does not own: verifying any of it (``sgx``, ``tdx``, ``snp`` do), or policy.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -28,6 +29,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
 from urllib.parse import unquote
+
+import httpx
 
 from cloister import limits
 from cloister.attestation._claims import Tee
@@ -241,8 +244,6 @@ def _signed_object(body: bytes, key: bytes) -> bytes:
 
 
 def _signature_hex(body: bytes) -> bytes:
-    import json
-
     try:
         value = json.loads(body)["signature"]
         return bytes.fromhex(value)
@@ -255,23 +256,23 @@ def _signature_hex(body: bytes) -> bytes:
 class _Http:
     """A tiny GET helper over httpx that maps foreign errors into Cloister's."""
 
-    def __init__(self, base_url: str, *, timeout: float, client: object | None) -> None:
-        import httpx
-
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float,
+        client: httpx.Client | None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._client: httpx.Client = (
-            client
-            if isinstance(client, httpx.Client)
-            else httpx.Client(timeout=timeout, follow_redirects=False)
-        )
+        self._client = client or httpx.Client(timeout=timeout, follow_redirects=False)
+        self._headers = headers or {}
 
     def get(self, url: str, params: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
-        import httpx
-
         if not url.startswith("http"):
             url = self.base_url + url
         try:
-            with self._client.stream("GET", url, params=params) as response:
+            with self._client.stream("GET", url, params=params, headers=self._headers) as response:
                 if response.status_code == 404:
                     raise _missing(f"collateral at {url}")
                 if response.status_code != 200:
@@ -331,16 +332,15 @@ class PcsSource:
         root_crl_url: str | None = None,
         api_key: str | None = None,
         timeout: float = _HTTP_TIMEOUT,
-        client: object | None = None,
+        client: httpx.Client | None = None,
     ) -> None:
-        self._http = _Http(base_url, timeout=timeout, client=client)
+        headers = {"Ocp-Apim-Subscription-Key": api_key} if api_key else None
+        self._http = _Http(base_url, timeout=timeout, client=client, headers=headers)
         self._root_crl_url = root_crl_url or (
             INTEL_ROOT_CRL_URL
             if base_url.rstrip("/") == INTEL_PCS_URL
             else "/sgx/certification/v4/rootcacrl"
         )
-        if api_key:
-            self._http._client.headers["Ocp-Apim-Subscription-Key"] = api_key
 
     def dcap_collateral(self, request: DcapRequest) -> DcapCollateral:
         kind = "tdx" if request.tee is Tee.TDX else "sgx"
@@ -413,7 +413,7 @@ class KdsSource:
         *,
         product: str | None = None,
         timeout: float = _HTTP_TIMEOUT,
-        client: object | None = None,
+        client: httpx.Client | None = None,
     ) -> None:
         self._http = _Http(base_url, timeout=timeout, client=client)
         self._product = product
