@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 
 from cloister import pki
 from cloister.errors import AccessDenied, SessionError
-from cloister.session import Secret, Session, sharing
+from cloister.session import Secret, Session, sharing, template
 from cloister.session.template import Placeholder
 
 if TYPE_CHECKING:
@@ -91,6 +91,16 @@ class Resolver:
                 return self.marker.encode()
         else:
             value = self.value(placeholder.secret)
+        if secret.import_ is not None and secret.kind is None:
+            # The exporter decides the kind; the CAS checked the spelling at upload.
+            fmt = template.resolve_format(value.kind, placeholder.spelled)
+            if fmt is None:
+                raise SessionError(
+                    f"secret {placeholder.secret!r} is a {value.kind} now and cannot be "
+                    f"rendered as {placeholder.spelled!r}",
+                    reason="import-kind-mismatch",
+                )
+            placeholder = replace(placeholder, format=fmt)
         try:
             return lib.render_bytes(value, placeholder, now=self.now)
         except ValueError as exc:

@@ -104,7 +104,9 @@ def find(text: str, kinds: Mapping[str, str], context: Context = "file") -> Iter
 
 
 def resolve_format(kind: str, spelled: str) -> str | None:
-    """The canonical format of ``spelled`` for a secret of ``kind``, or ``None``."""
+    """The canonical format of ``spelled`` (``:a:b`` or legacy ``.crt``) for ``kind``."""
+    if spelled.startswith("."):
+        return _legacy(kind, spelled[1:]) if spelled[1:] in _LEGACY_SUFFIXES else None
     return FORMATS.get(kind, {}).get(spelled)
 
 
@@ -124,12 +126,7 @@ def _resolve(m: re.Match[str], kinds: Mapping[str, str], context: Context) -> Pl
             f"placeholder {raw}: a config-fragment is structured data for access_policy, "
             "security and attestation, not text for a program"
         )
-    if kind == IMPORTED:
-        fmt = spelled or ""
-    elif spelled.startswith("."):
-        fmt = _legacy(kind, spelled[1:])
-    else:
-        fmt = resolve_format(kind, spelled)
+    fmt = spelled if kind == IMPORTED else resolve_format(kind, spelled)
     if fmt is None:
         allowed = ", ".join(sorted(k for k in FORMATS[kind] if k))
         raise SessionError(
