@@ -20,8 +20,11 @@ connection is reset, never closed cleanly, so it cannot mistake a cut stream for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
@@ -400,7 +403,19 @@ class Link:
         for transport in (self.plain, self.net):
             if transport is not None and not transport.is_closing():
                 if abort:
-                    transport.abort()
+                    _reset(transport)
                 else:
                     transport.close()
         self.owner.closed(self, was_open)
+
+
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Close with a TCP RST, so the other end sees an error and never a clean end of stream."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()

@@ -17,7 +17,15 @@ from typing import Any
 import pytest
 from meshpki import DAY, NOW, Issued, TestCA, material
 
-from cloister.mesh import EgressRule, IngressRule, Mesh, MeshConfig, MeshLimits, MeshStats
+from cloister.mesh import (
+    EgressRule,
+    IngressRule,
+    Mesh,
+    MeshConfig,
+    MeshLimits,
+    MeshStats,
+    TlsMaterial,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -67,6 +75,7 @@ class App:
 
     received: bytearray = field(default_factory=bytearray)
     connections: int = 0
+    resets: int = 0
     port: int = 0
     half_close: bool = False  # read until EOF, then answer, then close
 
@@ -84,7 +93,7 @@ class App:
                     writer.write(data)
                     await writer.drain()
         except ConnectionError:
-            pass
+            self.resets += 1
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):
@@ -294,6 +303,60 @@ def test_ca_rotation_trusts_every_ca_in_the_bundle(pki: Pki) -> None:
             client={"cert": new_ca.issue("web.demo"), "cas": (pki.ca, new_ca)},
         )
     )
+
+
+def test_a_truncated_stream_resets_the_app_connection(pki: Pki, tmp_path: Any) -> None:
+    # A caller (or an attacker on the path) ends the TCP stream without TLS close_notify.
+    app = App()
+    (tmp_path / "c.pem").write_bytes(pki.web.cert_pem)
+    (tmp_path / "k.pem").write_bytes(pki.web.key_pem)
+    ctx = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+    ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+
+    def truncating_client(port: int) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=BOUND)
+        with raw, ctx.wrap_socket(raw, server_hostname="api.demo") as tls:
+            tls.sendall(b"partial request")
+            tls.recv(100)  # the echo: the app has the bytes
+            tls.shutdown(socket.SHUT_WR)  # a bare FIN: SSLSocket.shutdown skips close_notify
+            with contextlib.suppress(OSError):
+                tls.recv(100)
+
+    async def scenario() -> None:
+        async with app_server(app), Mesh(server_config(pki, app.port)) as ingress:
+            await asyncio.to_thread(truncating_client, ingress.ingress_ports[0])
+            await until(lambda: app.resets == 1)
+
+    run(scenario)
+    assert app.received == b"partial request"
+
+
+def test_reload_picks_up_rotated_material(pki: Pki, tmp_path: Any) -> None:
+    from meshpki import write_files
+
+    app = App()
+    new_ca = TestCA("rotated session CA")
+    files = write_files(tmp_path, "api", pki.api, pki.ca)
+
+    async def scenario() -> None:
+        async with app_server(app):
+            cfg = MeshConfig(
+                identity="api.demo",
+                tls=TlsMaterial(**files),
+                ingress=(IngressRule(port=0, app_port=app.port, allow_from=("web.demo",)),),
+            )
+            async with Mesh(cfg) as ingress:
+                port = ingress.ingress_ports[0]
+                new_web = new_ca.issue("web.demo")
+                async with Mesh(client_config(pki, port, cert=new_web, cas=(pki.ca,))) as egress:
+                    assert await refused_exchange(egress.egress_ports[0]) == b""
+                    await until(lambda: ingress.stats.refusals("ingress", "untrusted-issuer") == 1)
+                    write_files(tmp_path, "api", new_ca.issue("api.demo"), pki.ca, new_ca)
+                    ingress.reload_tls()
+                async with Mesh(client_config(pki, port, cert=new_web, cas=(new_ca,))) as egress:
+                    assert await exchange(egress.egress_ports[0], b"rotated") == b"rotated"
+
+    run(scenario)
 
 
 # -- refusals at the ingress ----------------------------------------------------------------
