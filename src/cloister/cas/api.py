@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from fastapi import FastAPI, Header, Query, Request, Response
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from cloister import __version__, errors, limits, protocol
+from cloister.cas import ratelimit
 from cloister.cas.errors import status_for
 from cloister.cas.service import Cas
 
@@ -24,25 +26,39 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def create_app(cas: Cas, *, clock: Clock = _utcnow) -> FastAPI:
+# Every refusal has the one error body; documented so that clients and fuzzers can rely on it.
+_ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": protocol.ErrorBody} for status in (400, 403, 404, 408, 409, 413, 429, 503)
+}
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def create_app(
+    cas: Cas,
+    *,
+    clock: Clock = _utcnow,
+    rate_limits: ratelimit.RateLimits | None = None,
+    body_timeout: float = limits.HTTP_BODY_TIMEOUT_SECONDS,
+) -> FastAPI:
+    """The API over ``cas``. Rate limits default to ``limits``; pass ``Rate(0, 1)`` to lift one."""
     app = FastAPI(
         title="Cloister CAS",
         version=__version__,
         description="Configuration and attestation service: sessions, attestation, provisioning.",
+        responses=_ERROR_RESPONSES,
+    )
+    app.add_middleware(_RequestId)
+    # Added last, so outermost: a refused client costs no body read and no routing.
+    app.add_middleware(_BodyLimit, max_bytes=limits.MAX_REQUEST_BYTES, timeout=body_timeout)
+    app.add_middleware(
+        ratelimit.RateLimitMiddleware,
+        rates=rate_limits or ratelimit.RateLimits(),
+        new_request_id=_request_id,
     )
 
-    @app.middleware("http")
-    async def request_id_and_limits(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        rid = uuid.uuid4().hex[:16]
-        request.state.request_id = rid
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.MAX_REQUEST_BYTES):
-            return _error(errors.Error("request body too large", reason="too-large"), rid, 413)
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = rid
-        return response
 
     @app.exception_handler(errors.Error)
     async def on_error(request: Request, exc: errors.Error) -> JSONResponse:
@@ -56,6 +72,8 @@ def create_app(cas: Cas, *, clock: Clock = _utcnow) -> FastAPI:
 
     @app.get("/readyz", response_class=PlainTextResponse)
     async def readyz() -> str:
+        # Unready when the database is unreachable or rollback/tampering was detected.
+        await run_in_threadpool(cas.store.health)
         await run_in_threadpool(cas.store.get_meta, "identity-key")
         return "ready"
 
@@ -69,14 +87,9 @@ def create_app(cas: Cas, *, clock: Clock = _utcnow) -> FastAPI:
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics() -> str:
-        lines = ["# TYPE cloister_activations_total counter"]
-        for result, n in sorted(cas.events.activations.items()):
-            lines.append(f'cloister_activations_total{{result="{result}"}} {n}')
-        lines.append("# TYPE cloister_refusals_total counter")
-        for reason, n in sorted(cas.events.refusals.items()):
-            lines.append(f'cloister_refusals_total{{reason="{reason}"}} {n}')
-        return "\n".join(lines) + "\n"
+    async def metrics() -> Response:
+        body = await run_in_threadpool(cas.metrics.render)
+        return Response(content=body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/cas/evidence", response_model=protocol.CasEvidence)
     async def evidence(nonce: str = Query(pattern=r"^[0-9a-f]{64}$")) -> protocol.CasEvidence:
@@ -112,6 +125,15 @@ def create_app(cas: Cas, *, clock: Clock = _utcnow) -> FastAPI:
     ) -> protocol.ServiceExists:
         return await run_in_threadpool(cas.service_exists, session, service)
 
+    @app.get("/v1/public/{session:path}/{secret}", response_class=PlainTextResponse)
+    async def public_secret(session: str, secret: str) -> str:
+        """A secret its session publishes with ``export_public: true`` (no authentication)."""
+        if len(session) > limits.MAX_NAME_LENGTH * limits.MAX_SESSION_NAME_DEPTH or len(
+            secret
+        ) > limits.MAX_NAME_LENGTH:
+            raise errors.NotFound("no such public secret", reason="no-such-public-secret")
+        return await run_in_threadpool(cas.public_secret, session, secret, clock())
+
     @app.post("/v1/activate", response_model=protocol.ActivationResponse)
     async def activate(body: protocol.ActivationRequest) -> protocol.ActivationResponse:
         return await run_in_threadpool(cas.activate, body, clock())
@@ -125,3 +147,111 @@ def _error(exc: errors.Error, rid: str, status: int) -> JSONResponse:
     if isinstance(exc, errors.RateLimited):
         headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body is read whole, within a size bound and a deadline.
+
+    The size bound holds for chunked bodies too (no ``Content-Length``), counted as they arrive;
+    a declared ``Content-Length`` above the bound is refused before a byte of the body is read.
+    A body that does not arrive within ``timeout`` seconds of its headers gets 408 (a slow
+    client must not hold a connection slot). Either way the connection is closed.
+    """
+
+    def __init__(self, app: ratelimit.ASGIApp, *, max_bytes: int, timeout: float) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+
+    async def __call__(
+        self, scope: ratelimit.Scope, receive: ratelimit.Receive, send: ratelimit.Send
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length: bytes | None = None
+        chunked = False
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await _refuse(send, 413, "too-large", "request body too large")
+            return
+        if not chunked and (length is None or length == b"0"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunk = message.get("body", b"")
+                    total += len(chunk)
+                    if total > self.max_bytes:
+                        await _refuse(send, 413, "too-large", "request body too large")
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await _refuse(send, 408, "request-timeout", "the request body came too slowly")
+            return
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> ratelimit.Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _refuse(send: ratelimit.Send, status: int, reason: str, message: str) -> None:
+    rid = _request_id()
+    body = protocol.ErrorBody(error=reason, message=message, request_id=rid)
+    raw = body.model_dump_json().encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(raw)).encode()),
+                (b"connection", b"close"),
+                (b"x-request-id", rid.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": raw})
+
+
+class _RequestId:
+    """ASGI middleware: a request id in ``request.state`` and in every response's headers."""
+
+    def __init__(self, app: ratelimit.ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(
+        self, scope: ratelimit.Scope, receive: ratelimit.Receive, send: ratelimit.Send
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = _request_id()
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: ratelimit.Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0] != b"x-request-id"]
+                message["headers"] = [*headers, (b"x-request-id", rid.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

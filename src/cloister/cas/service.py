@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cloister import limits, pki, policy, protocol
 from cloister import secrets as secretlib
 from cloister.attestation import Tee, Verifier, binding, simulated
-from cloister.cas import governance
+from cloister.cas import audit, cache, governance, metrics
 from cloister.cas.identity import Identity, SimulatedSelf
 from cloister.errors import (
     AccessDenied,
@@ -74,6 +74,11 @@ class Cas:
         self.verifiers = dict(verifiers)
         self.self_evidence = self_evidence
         self.events = Events()
+        self.audit = audit.AuditLog(store)
+        # Parsed sessions by document digest: the activation path parses no YAML.
+        self.sessions = cache.SessionCache()
+        self.metrics = metrics.Metrics(self)
+        self.verifiers = {t: self.metrics.timed(t.value, v) for t, v in self.verifiers.items()}
 
     @property
     def simulation(self) -> bool:
@@ -114,6 +119,7 @@ class Cas:
 
     # --- sessions --------------------------------------------------------------------------
 
+    @audit.audited("session-create", audit.on_create)
     def create_session(self, signed: protocol.SignedSession) -> protocol.SessionAccepted:
         session = Session.from_yaml(signed.session)
         if session.document.predecessor is not None:
@@ -134,6 +140,7 @@ class Cas:
         log.info("session %s created (hash %s)", session.name, session.hash)
         return protocol.SessionAccepted(name=session.name, hash=session.hash, version=1)
 
+    @audit.audited("session-update", audit.on_update)
     def update_session(self, name: str, signed: protocol.SignedSession) -> protocol.SessionAccepted:
         session = Session.from_yaml(signed.session)
         if session.name != name:
@@ -161,6 +168,7 @@ class Cas:
         log.info("session %s updated to version %d (hash %s)", name, version, session.hash)
         return protocol.SessionAccepted(name=name, hash=session.hash, version=version)
 
+    @audit.audited("session-read", audit.on_read)
     def read_session(
         self, name: str, req: protocol.SignedRead, now: datetime
     ) -> protocol.SessionView:
@@ -186,12 +194,13 @@ class Cas:
         record = self.store.current_session(name)
         if record is None:
             raise NotFound(f"session {name!r} does not exist", reason="no-such-session")
-        if Session.from_yaml(record.document).service(service) is None:
+        if self.sessions.load(record.document).service(service) is None:
             raise NotFound(f"session {name!r} has no service {service!r}", reason="no-such-service")
         return protocol.ServiceExists(session=name, service=service, session_hash=record.hash)
 
     # --- activation ------------------------------------------------------------------------
 
+    @audit.audited("activation", audit.on_activate)
     def activate(
         self, req: protocol.ActivationRequest, now: datetime
     ) -> protocol.ActivationResponse:
@@ -242,7 +251,7 @@ class Cas:
         record = self.store.current_session(req.session)
         if record is None:
             raise NotFound(f"session {req.session!r} does not exist", reason="no-such-session")
-        session = Session.from_yaml(record.document)
+        session = self.sessions.load(record.document)
         service = session.service(req.service)
         if service is None:
             raise NotFound(
