@@ -36,6 +36,7 @@ from cloister.attestation._dcap_collateral import (
     verify_signed_json,
     verify_signing_chain,
 )
+from cloister.attestation._x509 import framed
 from cloister.attestation.collateral import (
     CollateralCache,
     CollateralSource,
@@ -72,12 +73,12 @@ class DcapSteps:
 
     def qe_report(self, quote: Quote, chain: PckChain) -> SgxReport:
         """QE report signature and attestation-key binding, memoized per (PCK key, QE report)."""
-        material = (
-            chain.fingerprints[0]
-            + quote.qe_report
-            + quote.qe_report_signature
-            + quote.attestation_key
-            + quote.qe_auth_data
+        material = framed(
+            chain.fingerprints[0],
+            quote.qe_report,
+            quote.qe_report_signature,
+            quote.attestation_key,
+            quote.qe_auth_data,
         )
 
         def check() -> SgxReport:
@@ -107,7 +108,7 @@ class DcapSteps:
                     f"TCB Info is malformed: {exc}", reason="malformed-collateral"
                 ) from None
 
-        info = self._memo("tcb-info", pem + b"\0" + sig + body, build)
+        info = self._memo("tcb-info", framed(pem, sig, body), build)
         expected_id = "TDX" if tee is Tee.TDX else "SGX"
         if info.id != expected_id or (tee is Tee.TDX and info.version < 3):
             raise CollateralError(
@@ -145,7 +146,7 @@ class DcapSteps:
                     f"QE Identity is malformed: {exc}", reason="malformed-collateral"
                 ) from None
 
-        identity = self._memo("qe-identity", pem + b"\0" + sig + body, build)
+        identity = self._memo("qe-identity", framed(pem, sig, body), build)
         expected = "TD_QE" if tee is Tee.TDX else "QE"
         if identity.id != expected:
             raise CollateralError(
@@ -160,7 +161,7 @@ class DcapSteps:
         check_signing_chain_windows(qe.signing_chain, now)
 
     def crls(
-        self, col: DcapCollateral, chain: PckChain, tcb: TcbInfo, now: datetime
+        self, col: DcapCollateral, chain: PckChain, tcb: TcbInfo, qe: QeIdentity, now: datetime
     ) -> tuple[Crl, Crl]:
         """Root CA CRL (signed by the root) and PCK CRL (by the PCK CA): current, not revoking."""
         root_der, pck_der = col.root_ca_crl, col.pck_crl
@@ -170,17 +171,17 @@ class DcapSteps:
             )
         root = self._memo(
             "root-crl",
-            chain.fingerprints[2] + root_der,
+            framed(chain.fingerprints[2], root_der),
             lambda: load_crl(root_der, chain.root, what="Intel SGX Root CA CRL"),
         )
         pck = self._memo(
             "pck-crl",
-            chain.fingerprints[1] + pck_der,
+            framed(chain.fingerprints[1], pck_der),
             lambda: load_crl(pck_der, chain.ca, what="PCK CRL"),
         )
         check_crl(pck, now, name="pck", serial=chain.leaf.serial_number)
         check_crl(root, now, name="root", serial=chain.ca.serial_number)
-        for cert in tcb.signing_chain[:-1]:
+        for cert in (*tcb.signing_chain[:-1], *qe.signing_chain[:-1]):
             if cert.serial_number in root.revoked:
                 raise CollateralError(
                     "the TCB signing certificate is revoked", reason="tcb-signing-revoked"

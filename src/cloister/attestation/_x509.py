@@ -217,6 +217,11 @@ def order_chain(certs: Sequence[x509.Certificate]) -> list[x509.Certificate]:
     return chain
 
 
+def framed(*parts: bytes) -> bytes:
+    """An unambiguous concatenation (length-prefixed parts), for cache keys."""
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
 @functools.cache
 def root_pem(name: str) -> bytes:
     """A vendor root shipped as package data in ``cloister/attestation/roots``."""

@@ -92,7 +92,7 @@ class SgxVerifier:
         # (11) collateral windows
         steps.windows(tcb, identity, now)
         # (12) CRLs
-        crls = steps.crls(col, chain, tcb, now)
+        crls = steps.crls(col, chain, tcb, identity, now)
         if not cached:
             steps.remember(request, col, tcb, identity, crls)
         # (13) QE Identity match and QE TCB level

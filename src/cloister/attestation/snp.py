@@ -117,8 +117,8 @@ class SnpVerifier:
         # (3) certificates
         col, cache_key, cached = self._collateral(report, kind, product, table, now)
         if product is None:
-            material = b"\0".join(
-                blob or b"" for blob in (col.ark, col.ask, col.asvk, col.vcek, col.vlek)
+            material = _x509.framed(
+                *(b or b"" for b in (col.ark, col.ask, col.asvk, col.vcek, col.vlek))
             )
             product = self._cache.memo(
                 "snp-product", kind.encode() + material, lambda: _product_of(col, kind)
@@ -189,8 +189,8 @@ class SnpVerifier:
             f"amd_{product.lower()}_{signer_name}.pem"
         )
         ark_pem = col.ark or _x509.root_pem(f"amd_{product.lower()}_ark.pem")
-        material = b"\0".join(
-            (self._tag, product.encode(), kind.encode(), key_der, signer_pem, ark_pem)
+        material = _x509.framed(
+            self._tag, product.encode(), kind.encode(), key_der, signer_pem, ark_pem
         )
         return self._cache.memo(
             "snp-chain",

@@ -79,7 +79,7 @@ class TdxVerifier:
         # (11) collateral windows
         steps.windows(tcb, identity, now)
         # (12) CRLs
-        crls = steps.crls(col, chain, tcb, now)
+        crls = steps.crls(col, chain, tcb, identity, now)
         if not cached:
             steps.remember(request, col, tcb, identity, crls)
         # (13) TD QE identity match and its TCB level
