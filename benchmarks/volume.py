@@ -288,6 +288,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=5000, help="small files to create")
     parser.add_argument("--ops", type=int, default=20000, help="random 4 KiB operations")
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    parser.add_argument("--only", default="", help="comma-separated backends to run (all)")
     args = parser.parse_args()
     size = parse_size(args.size) // REQUEST * REQUEST
     work = Path(tempfile.mkdtemp(prefix="cloister-bench-", dir=args.dir))
@@ -302,6 +303,8 @@ def main() -> None:
         backends.append(Gocryptfs(work / "gocryptfs-mnt", work))
     else:
         print("gocryptfs missing: no gocryptfs figures", file=sys.stderr)
+    if args.only:
+        backends = [b for b in backends if b.name in args.only.split(",")]
     table: dict[str, dict[str, float]] = {}
     try:
         for backend in backends:

@@ -268,6 +268,16 @@ def test_kill_9_at_any_moment_leaves_a_committed_version(tmp_path: Path) -> None
             (tmp_path / "tag").write_text(vol.sync())
 
 
+def test_sigterm_commits_and_unmounts(mounted: tuple[Path, Mount]) -> None:
+    _, mount = mounted
+    _sh("echo 'not fsynced by anyone' > late", mount.mountpoint)
+    mount.proc.send_signal(signal.SIGTERM)  # how an agent stops its mount child
+    assert mount.proc.wait(timeout=60) == 0
+    assert not os.path.ismount(mount.mountpoint)
+    with volume.open_volume(str(mount.directory), KEY, expected_root_tag=mount.tag()) as vol:
+        assert vol.read_bytes("late") == b"not fsynced by anyone\n"
+
+
 def test_a_second_writer_is_refused_while_mounted(mounted: tuple[Path, Mount]) -> None:
     _, mount = mounted
     with pytest.raises(errors.ConflictError):

@@ -157,8 +157,8 @@ def mount(
         )
     except ImportError:
         raise usage_error("mounting needs pyfuse3 and trio: pip install 'cloister[fuse]'") from None
-    except ValueError as exc:
-        raise usage_error(str(exc)) from None
+    except (ValueError, RuntimeError) as exc:  # pyfuse3 reports a failed mount as RuntimeError
+        raise usage_error(f"cannot mount {mountpoint}: {exc}") from None
     print(final)
 
 
