@@ -21,11 +21,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cloister import limits
 from cloister.attestation import Tee, Verifier, simulated
-from cloister.cas import api, ratelimit
+from cloister.cas import api, ratelimit, recovery
 from cloister.cas.identity import Identity, SimulatedSelf
 from cloister.cas.service import Cas, cas_measurement
 from cloister.errors import BackendUnavailable
-from cloister.store import Keyring, Store, load_or_create_key
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +66,10 @@ def build(settings: Settings, *, now: datetime | None = None) -> Cas:
         )
     log.warning(SIMULATION_BANNER)
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    keyring = Keyring.of([load_or_create_key(settings.data_dir / "store.key")])
-    url = settings.db_url or f"sqlite:///{settings.data_dir / 'cas.db'}"
-    store = Store.open(url, keyring)
+    # Verifies the store's hash chain and every row against the signed head kept beside the
+    # key: a rolled-back or edited database stops the CAS here (RollbackError, logged).
+    store = recovery.open_store(settings.data_dir, settings.db_url, create_key=True)
+    recovery.record_start(store, simulation=settings.simulation)
     identity = Identity.load_or_create(store, hostnames=settings.hostnames, now=now)
     platform = simulated.SimulatedPlatform.load_or_create(
         settings.data_dir / "simulation-platform.key"

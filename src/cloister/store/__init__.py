@@ -41,6 +41,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from cloister.errors import BackendUnavailable, ConflictError, NotFound, RollbackError
 from cloister.store import _audit, _chain
 from cloister.store._chain import ChainKeys, ChainState, Entry, Head, HeadFile, tampered
+from cloister.store._chain import derive as derive_key
 from cloister.store._schema import (
     PROTECTED,
     audit_t,
@@ -62,8 +63,10 @@ __all__ = [
     "Keyring",
     "SessionRecord",
     "Store",
+    "derive_key",
     "load_or_create_key",
     "metadata",
+    "read_kit_unverified",
     "write_key",
 ]
 
@@ -325,6 +328,9 @@ class Store:
 
     def _verify(self) -> Head:
         state = ChainState()
+        # The head file first: whatever head it names was committed before it was written, so
+        # the snapshot taken after this holds it, even while other processes keep writing.
+        signed = None if self._head_file is None else self._head_file.read(self._chain_keys)
         with self._tx("verify", write=False) as c:
             for row in c.execute(sa.select(changes_t).order_by(changes_t.c.seq)):
                 state.apply(self._entry(row), self._chain_keys)
@@ -342,17 +348,16 @@ class Store:
             if missing:
                 table, key = sorted(missing)[0]
                 raise tampered(f"{len(missing)} row(s) were deleted, e.g. {table} {_show(key)}")
-        self._check_head_file(state)
+        self._check_head(state, signed)
         with self._lock:
             self._state = state
             self._save_head()
         log.info("store verified: %d changes, head %s", state.head_seq, state.head_hash.hex()[:16])
         return Head(state.head_seq, state.head_hash)
 
-    def _check_head_file(self, state: ChainState) -> None:
+    def _check_head(self, state: ChainState, head: Head | None) -> None:
         if self._head_file is None:
             return
-        head = self._head_file.read(self._chain_keys)
         if head is None:
             if state.head_seq > 0:
                 raise tampered(
@@ -710,6 +715,10 @@ class Store:
 
         return self._read("audit-export", read)
 
+    def sign(self, message: bytes) -> bytes:
+        """Sign ``message`` with the CAS's state key (heads, audit trailers)."""
+        return self._chain_keys.sign(message)
+
     def audit_public_key(self) -> bytes:
         """The raw Ed25519 public key that signs audit entries and state heads."""
         from cryptography.hazmat.primitives import serialization
@@ -838,6 +847,24 @@ class Store:
                     .where(nonces_t.c.expires_at > now)
                 ).scalar_one()
             )
+
+
+def read_kit_unverified(url: str, k: str) -> bytes | None:
+    """A recovery-kit row read without the store key (which is what it helps to recover).
+
+    Unverified by design: whatever it yields is checked once the key is back (``open``).
+    """
+    engine = _engine(url)
+    try:
+        with engine.connect() as c:
+            if not sa.inspect(c).has_table("kit"):
+                return None
+            row = c.execute(sa.select(kit_t.c.v).where(kit_t.c.k == k)).first()
+    except (OperationalError, InterfaceError) as exc:
+        raise BackendUnavailable(f"cannot read the store: {exc.orig}") from None
+    finally:
+        engine.dispose()
+    return None if row is None else bytes(row[0])
 
 
 def _show(key: str) -> str:

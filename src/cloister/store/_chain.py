@@ -215,7 +215,8 @@ class HeadFile:
             "hash": head.hash.hex(),
             "sig": keys.sign(self._message(head.seq, head.hash)).hex(),
         }
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        # One temporary file per writer: several CAS processes may share a data directory.
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(fd, "w") as f:
             json.dump(doc, f)
