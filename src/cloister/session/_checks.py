@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
@@ -225,6 +226,111 @@ def imports_are_well_formed(doc: SessionDocument) -> None:
             )
 
 
+# --- encrypted volumes and the mesh --------------------------------------------------------
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def volumes_are_defined(doc: SessionDocument) -> None:
+    _unique("volume(s)", (v.name for v in doc.volumes))
+    defined = {v.name for v in doc.volumes}
+    for image in doc.images:
+        _unique(f"image {image.name!r} volume(s)", (v.name for v in image.volumes))
+        _unique(f"image {image.name!r} volume path(s)", (v.path for v in image.volumes))
+        for v in image.volumes:
+            if v.name not in defined:
+                raise SessionError(
+                    f"image {image.name!r} mounts volume {v.name!r}, which is not defined in "
+                    "volumes"
+                )
+        paths = sorted(v.path for v in image.volumes)
+        for outer, inner in zip(paths, paths[1:], strict=False):
+            if inner.startswith(outer + "/"):
+                raise SessionError(
+                    f"image {image.name!r}: volume path {inner} lies inside volume path {outer}"
+                )
+
+
+def volume_imports_are_well_formed(doc: SessionDocument) -> None:
+    from cloister.session import _sharing
+
+    for v in doc.volumes:
+        for target in v.export:
+            _sharing.resolve(doc.name, target.session or target.namespace or "")
+        if v.import_ is not None and _sharing.resolve(doc.name, v.import_.session) == doc.name:
+            raise SessionError(f"volume {v.name!r} imports from its own session")
+
+
+def _peer_is_known(doc: SessionDocument, name: str, where: str) -> None:
+    services = {s.name for s in doc.services}
+    service, dot, session = name.partition(".")
+    if not dot:
+        if name not in services:
+            raise SessionError(
+                f"{where} names service {name!r}, which this session does not define (write "
+                "'service.session' for another session's service)"
+            )
+        return
+    if not _DNS_LABEL.match(service) or not all(_DNS_LABEL.match(p) for p in session.split(".")):
+        raise SessionError(f"{where}: {name!r} is not 'service.session' in lower-case DNS labels")
+
+
+def mesh_names_resolve(doc: SessionDocument) -> None:
+    meshed = [s for s in doc.services if s.mesh is not None]
+    if not meshed:
+        return
+    # The mesh names services as DNS labels (``<service>.<session>``, cloister.mesh.identity).
+    for part in doc.name.split("/"):
+        if not _DNS_LABEL.match(part):
+            raise SessionError(
+                f"session name {doc.name!r}: the mesh needs every part to be a lower-case DNS "
+                "label (letters, digits, '-')"
+            )
+    own = doc.name.replace("/", ".")
+    for svc in meshed:
+        assert svc.mesh is not None
+        where = f"service {svc.name!r} mesh"
+        if not _DNS_LABEL.match(svc.name):
+            raise SessionError(f"{where}: a meshed service's name must be a lower-case DNS label")
+        if not svc.mesh.ingress and not svc.mesh.egress:
+            raise SessionError(f"{where} has neither ingress nor egress rules")
+        for i, rule in enumerate(svc.mesh.ingress):
+            for name in rule.allow_from:
+                _peer_is_known(doc, name, f"{where}.ingress[{i}].allow_from")
+        for i, egress in enumerate(svc.mesh.egress):
+            _peer_is_known(doc, egress.service, f"{where}.egress[{i}].service")
+        ports = [r.port for r in svc.mesh.ingress] + [r.port for r in svc.mesh.egress]
+        dupes = sorted({p for p in ports if ports.count(p) > 1})
+        if dupes:
+            raise SessionError(f"{where}: port(s) {dupes} used by more than one rule")
+        for name in svc.mesh.dns:
+            # An extra name that reads as another service's identity would let this service
+            # pass as that one to DNS-only checks (docs/mesh.md, "Identity convention").
+            label, _, rest = name.lower().partition(".")
+            if rest == own and label != svc.name:
+                raise SessionError(f"{where}.dns: {name!r} is the identity of service {label!r}")
+
+
+def mesh_ca_exists(doc: SessionDocument) -> None:
+    kinds = secret_kinds(doc)
+    cas = [n for n, k in kinds.items() if k == "x509-ca"]
+    for svc in doc.services:
+        if svc.mesh is None:
+            continue
+        where = f"service {svc.name!r} mesh"
+        if svc.mesh.ca is not None:
+            if kinds.get(svc.mesh.ca) not in ("x509-ca", template.IMPORTED):
+                raise SessionError(
+                    f"{where}.ca names {svc.mesh.ca!r}, which is not an x509-ca secret of this "
+                    "session"
+                )
+        elif len(cas) != 1:
+            raise SessionError(
+                f"{where}: the session has {len(cas)} x509-ca secrets; name the mesh's CA "
+                "in mesh.ca"
+            )
+
+
 ALL: tuple[Callable[[SessionDocument], None], ...] = (
     unique_names,
     images_exist,
@@ -237,6 +343,10 @@ ALL: tuple[Callable[[SessionDocument], None], ...] = (
     one_time_passwords_are_strong,
     host_arguments_are_distinct,
     imports_are_well_formed,
+    volumes_are_defined,
+    volume_imports_are_well_formed,
+    mesh_names_resolve,
+    mesh_ca_exists,
 )
 
 

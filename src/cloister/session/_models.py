@@ -401,6 +401,117 @@ def parse_duration(text: str) -> int:
     return int(m.group(1)) * _UNIT_SECONDS[key]
 
 
+# --- encrypted volumes and the mesh --------------------------------------------------------
+
+VolumePolicy = Literal["rollback_protection", "no_rollback_protection", "ephemeral"]
+
+
+class VolumeImport(Model):
+    """SCONE: ``import: {session, volume}`` - use a volume another session exports to us."""
+
+    session: str
+    volume: str
+    session_hash: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local(cls, data: Any) -> Any:
+        return _local_only(data, "import")
+
+    @field_validator("volume")
+    @classmethod
+    def _valid_volume(cls, v: str) -> str:
+        return _name(v, "imported volume name")
+
+    @field_validator("session_hash")
+    @classmethod
+    def _hash(cls, v: str | None) -> str | None:
+        return None if v is None else _hex(v, "session_hash", 32)
+
+
+class Volume(Model):
+    """An encrypted volume (SCONE ``volumes[]``): the CAS makes its key and keeps its tag.
+
+    ``update_policy``: ``rollback_protection`` (the default) hands the key out only with the
+    last reported root tag; ``no_rollback_protection`` skips the freshness check (every other
+    check stays); ``ephemeral`` gives a fresh, empty volume at every start.
+    """
+
+    name: str
+    update_policy: VolumePolicy = "rollback_protection"
+    export: list[ExportTarget] = Field(default_factory=list, max_length=64)
+    import_: VolumeImport | None = Field(default=None, alias="import")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        return _name(v, "volume name")
+
+    @model_validator(mode="after")
+    def _import_alone(self) -> Volume:
+        if self.import_ is not None and (self.export or "update_policy" in self.model_fields_set):
+            raise ValueError(
+                "an imported volume takes its policy from the exporter; give only name and import"
+            )
+        return self
+
+
+class ImageVolume(Model):
+    """Where an image mounts a volume: ``images[].volumes: [{name, path}]``."""
+
+    name: str
+    path: str
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        parts = v.split("/")
+        if (
+            not v.startswith("/")
+            or v == "/"
+            or "\x00" in v
+            or len(v) > 4096
+            or any(p in (".", "..") for p in parts)
+        ):
+            raise ValueError(f"volume path {v!r} must be absolute, not '/', and without '..'")
+        return v.rstrip("/")
+
+
+class MeshIngress(Model):
+    """Terminate mutual TLS on ``port``; forward callers named in ``allow_from`` to the app."""
+
+    port: int = Field(ge=1, le=65535)
+    app_port: int = Field(ge=1, le=65535)
+    # service names of this session, or "service.session" for another session's service
+    allow_from: list[str] = Field(min_length=1, max_length=256)
+
+
+class MeshEgress(Model):
+    """Listen on loopback ``port``; carry connections to ``target`` over mutual TLS, accepting
+    only ``service`` (a service of this session, or "service.session") at the other end."""
+
+    port: int = Field(ge=1, le=65535)
+    target: str = Field(min_length=3, max_length=300)
+    service: str = Field(min_length=1, max_length=300)
+
+
+class ServiceMesh(Model):
+    """A service's place in the attested mesh (see ``docs/mesh-in-sessions.md``)."""
+
+    ingress: list[MeshIngress] = Field(default_factory=list, max_length=256)
+    egress: list[MeshEgress] = Field(default_factory=list, max_length=256)
+    dns: list[str] = Field(default_factory=list, max_length=64)
+    ca: str | None = None  # the x509-ca that issues mesh certificates (default: the only one)
+
+    @field_validator("dns")
+    @classmethod
+    def _dns_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9*]([A-Za-z0-9.\-]{0,251}[A-Za-z0-9])?", name):
+                raise ValueError(f"mesh dns name {name!r} is not a DNS name")
+        return v
+
+
 # --- services and images -------------------------------------------------------------------
 
 
@@ -414,6 +525,7 @@ class Service(Model):
     # SCONE's legacy form of attestation: a list of accepted MRENCLAVEs (one more alternative).
     mrenclaves: list[str] = Field(default_factory=list, exclude=True)
     one_time_password_shared_secret: str | None = None
+    mesh: ServiceMesh | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -491,6 +603,7 @@ class InjectionFile(Model):
 class Image(Model):
     name: str
     injection_files: list[InjectionFile] = Field(default_factory=list)
+    volumes: list[ImageVolume] = Field(default_factory=list, max_length=64)
 
     @field_validator("name")
     @classmethod
@@ -569,6 +682,7 @@ class SessionDocument(Model):
     services: list[Service] = Field(default_factory=list)
     secrets: list[Secret] = Field(default_factory=list)
     images: list[Image] = Field(default_factory=list)
+    volumes: list[Volume] = Field(default_factory=list, max_length=256)
 
     @field_validator("name")
     @classmethod
