@@ -165,3 +165,8 @@ def attest(
     typer.secho("WARNING: simulation mode: this CAS protects nothing", fg="yellow", err=True)
     print(f"CAS {url} attested: measurement {got}")
     print(f"pinned identity {fingerprint(presented)} in {path}")
+
+
+from cloister.cli import cas_state  # noqa: E402 - the state commands join this group
+
+cas_state.register(app)
