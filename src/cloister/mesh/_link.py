@@ -185,9 +185,9 @@ class Link:
             self._flush()
             return
         except (ssl.SSLError, OSError) as exc:
-            self._flush()  # sends OpenSSL's alert, which tells an honest peer why
+            self._flush()  # OpenSSL's alert tells an honest peer why: close, do not reset
             detail = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
-            self.refuse(refusal_reason(exc), str(detail or exc))
+            self.refuse(refusal_reason(exc), str(detail or exc), reset=False)
             return
         self._flush()
         self.state = _AUTHORISING
@@ -212,11 +212,13 @@ class Link:
         self.plain.resume_reading()
         self._decrypt()
 
-    def refuse(self, reason: str, detail: str) -> None:
+    def refuse(self, reason: str, detail: str, *, reset: bool = True) -> None:
+        """Count, log and end the connection; ``reset`` sends a TCP RST instead of a FIN."""
         if self.state == _CLOSED:
             return
         self.owner.refused(self, reason, detail)
-        self.close(abort=True)
+        # The app's side is always reset: an empty clean stream would read as "no answer".
+        self.close(abort=True, graceful_net=not reset)
 
     def upstream_failed(self, exc: BaseException) -> None:
         if self.state == _CLOSED:
@@ -388,7 +390,7 @@ class Link:
         clean = exc is None and (leg == "plain" or self._close_notify_got)
         self.close(abort=not clean)
 
-    def close(self, *, abort: bool) -> None:
+    def close(self, *, abort: bool, graceful_net: bool = False) -> None:
         if self.state == _CLOSED:
             return
         was_open = self.state == _OPEN
@@ -400,9 +402,9 @@ class Link:
         if self.pending is not None and not self.pending.done():
             self.pending.cancel()
         self.pending = None
-        for transport in (self.plain, self.net):
+        for transport, reset in ((self.plain, abort), (self.net, abort and not graceful_net)):
             if transport is not None and not transport.is_closing():
-                if abort:
+                if reset:
                     _reset(transport)
                 else:
                     transport.close()
