@@ -127,3 +127,81 @@ class Bundle(Wire):
     files: list[BundleFile]
     key_marker: str  # stands for the workload's own private key (PEM) wherever it occurs
     certificates: dict[str, str]  # x509 secret name → PEM issued for the workload's CSR key
+    # Additive (docs/volumes-in-sessions.md, docs/mesh-in-sessions.md): the encrypted volumes
+    # this service mounts, its place in the mesh, and the credential its tag reports carry.
+    volumes: list[BundleVolume] = Field(default_factory=list)
+    mesh: BundleMesh | None = None
+    activation_id: str | None = None
+
+
+# --- encrypted volumes ---------------------------------------------------------------------
+
+VOLUME_TAG_PATTERN = r"^[0-9]{1,20}:[0-9a-f]{64}$"  # "<generation>:<hex HMAC>" (volume format)
+_VOLUME_TAG_DOMAIN = b"cloister-volume-tag-v1\x00"
+
+
+class BundleVolume(Wire):
+    """One encrypted volume: where to mount it, its key, and the only tag to accept.
+
+    ``expected_tag`` is the last tag the CAS acknowledged; ``None`` means first use (create
+    the volume) under ``rollback_protection``, no freshness check under
+    ``no_rollback_protection``, and a fresh empty volume under ``ephemeral``.
+    """
+
+    name: str
+    path: str
+    key: str  # base64 of the 32-byte volume key
+    expected_tag: str | None
+    policy: str  # rollback_protection | no_rollback_protection | ephemeral
+
+
+def volume_tag_message(
+    activation_id: str, session: str, volume: str, previous: str | None, tag: str
+) -> bytes:
+    """What a tag report's signature covers: domain, then each field length-prefixed."""
+    out = bytearray(_VOLUME_TAG_DOMAIN)
+    for part in (activation_id, session, volume, previous or "", tag):
+        raw = part.encode()
+        out += len(raw).to_bytes(4, "big") + raw
+    return bytes(out)
+
+
+class VolumeTagReport(Wire):
+    """A workload reports a volume's new root tag, signed with its activation's TLS key."""
+
+    activation_id: str = Field(max_length=512)
+    session: str = Field(max_length=limits.MAX_NAME_LENGTH * limits.MAX_SESSION_NAME_DEPTH)
+    volume: str = Field(max_length=limits.MAX_NAME_LENGTH)
+    previous: str | None = Field(default=None, pattern=VOLUME_TAG_PATTERN)
+    tag: str = Field(pattern=VOLUME_TAG_PATTERN)
+    signature: str = Field(max_length=256)  # base64 DER ECDSA-SHA256 over volume_tag_message
+
+
+class VolumeTagAccepted(Wire):
+    volume: str
+    tag: str
+
+
+# --- the mesh ------------------------------------------------------------------------------
+
+
+class BundleMeshIngress(Wire):
+    port: int
+    app_port: int
+    allow_from: list[str]  # identities, DNS form "<service>.<session>"
+
+
+class BundleMeshEgress(Wire):
+    port: int
+    target: str
+    peer: str  # identity, DNS form
+
+
+class BundleMesh(Wire):
+    """This service's mesh: its identity, certificate (for the activation's key), CA, rules."""
+
+    identity: str
+    certificate: str  # PEM, issued for the workload's CSR key by the session's mesh CA
+    ca: str  # PEM bundle of the CA certificates to trust
+    ingress: list[BundleMeshIngress]
+    egress: list[BundleMeshEgress]

@@ -174,6 +174,10 @@ class _Retry(Exception):
     """This read's snapshot predates a change another thread already verified."""
 
 
+class _Overtaken(Exception):
+    """A compare-and-set's row changed between its read and its write."""
+
+
 @dataclass(frozen=True)
 class _Put:
     table: str
@@ -674,6 +678,46 @@ class Store:
         """Store a renewed value (e.g. a certificate reissued before it expires)."""
         put = self._secret_put(session, name, kind, value, replace=True)
         self._write("replace-secret", lambda: [put])
+
+    def compare_and_replace_secret(
+        self, session: str, name: str, kind: str, expected: bytes | None, value: bytes
+    ) -> bool:
+        """Store ``value`` only if the secret is still ``expected`` (``None``: absent).
+
+        Atomic across CAS processes: the row read is pinned to its verified chain entry, and
+        the write goes through only if that entry is still the newest for the row when the
+        write takes the chain's next link (e.g. a volume's root tag: a stale report loses).
+        Returns ``False``, changing nothing, when the value differs or changed meanwhile.
+        """
+        key = _secret_key(session, name)
+
+        def read(c: Connection, snap: int) -> tuple[bytes | None, bytes | None]:
+            row = c.execute(
+                sa.select(secrets_t).where(secrets_t.c.session == session, secrets_t.c.name == name)
+            ).first()
+            digest = None if row is None else _digest_of("secrets", row)[1]
+            self._expect("secrets", key, snap, digest)
+            if row is None or row.kind != kind:
+                return None, digest
+            return self._keys.open(row.value, f"secrets/{session}/{name}/{kind}".encode()), digest
+
+        current, seen = self._read("compare-secret", read)
+        if current != expected:
+            return False
+        put = self._secret_put(session, name, kind, value, replace=seen is not None)
+
+        def puts() -> list[_Put]:
+            with self._lock:
+                known = self._state.rows.get(("secrets", key))
+            if (None if known is None else known[1]) != seen:
+                raise _Overtaken
+            return [put]
+
+        try:
+            self._write("compare-and-replace-secret", puts)
+        except (_Overtaken, IntegrityError):
+            return False
+        return True
 
     # --- the audit log -----------------------------------------------------------------------
 
