@@ -138,6 +138,11 @@ def create_app(
     async def activate(body: protocol.ActivationRequest) -> protocol.ActivationResponse:
         return await run_in_threadpool(cas.activate, body, clock())
 
+    @app.post("/v1/volumes/tag", response_model=protocol.VolumeTagAccepted)
+    async def volume_tag(body: protocol.VolumeTagReport) -> protocol.VolumeTagAccepted:
+        """A workload reports a volume's new root tag, signed with its activation's key."""
+        return await run_in_threadpool(cas.report_volume_tag, body)
+
     return app
 
 

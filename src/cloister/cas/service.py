@@ -23,6 +23,8 @@ from cloister import limits, pki, policy, protocol
 from cloister import secrets as secretlib
 from cloister.attestation import Tee, Verifier, binding, simulated
 from cloister.cas import audit, cache, governance, metrics
+from cloister.cas import mesh as meshlib
+from cloister.cas import volumes as volumelib
 from cloister.cas.identity import Identity, SimulatedSelf
 from cloister.errors import (
     AccessDenied,
@@ -325,6 +327,15 @@ class Cas:
                     path=f.path, content=base64.b64encode(content).decode(), mode=mode
                 )
             )
+        # Volumes: each key only with the last acknowledged tag; reports carry the activation id.
+        volume_list = volumelib.for_service(
+            self.store, session, service, governance.lookup(self.store)
+        )
+        activation = None
+        if volume_list and resolver.workload_key is not None:
+            activation = volumelib.activation_id(
+                self.store, session.name, service.name, resolver.workload_key
+            )
         # Host arguments and variables (@@1, @@NAME) stay as they are: the agent fills them.
         return protocol.Bundle(
             session=session.name,
@@ -336,7 +347,17 @@ class Cas:
             files=files,
             key_marker=resolver.marker,
             certificates=resolver.issued_pem(),
+            volumes=volume_list,
+            mesh=meshlib.for_service(session, service, resolver, now=resolver.now),
+            activation_id=activation,
         )
+
+    # --- encrypted volumes -----------------------------------------------------------------
+
+    @audit.audited("volume-tag", volumelib.audit_subject)
+    def report_volume_tag(self, report: protocol.VolumeTagReport) -> protocol.VolumeTagAccepted:
+        """Acknowledge a volume's new root tag (signed by an activated workload), or refuse."""
+        return volumelib.report(self.store, report, governance.lookup(self.store))
 
     # --- public exports --------------------------------------------------------------------
 

@@ -27,7 +27,9 @@ from cloister.session._models import (
     Secret,
     SecretKind,
     Service,
+    ServiceMesh,
     SessionDocument,
+    Volume,
     parse_duration,
 )
 
@@ -39,8 +41,10 @@ __all__ = [
     "Secret",
     "SecretKind",
     "Service",
+    "ServiceMesh",
     "Session",
     "SessionDocument",
+    "Volume",
     "access",
     "format_public_key",
     "parse_duration",
