@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from meshpki import DAY, NOW, Issued, TestCA, material
 
 from cloister.mesh import (
@@ -545,3 +547,87 @@ def test_stats_render_as_prometheus_text(pki: Pki) -> None:
         in text
     )
     assert 'cloister_mesh_connections_total{direction="ingress",listener="8443"} 5.0' in text
+
+
+# -- stream integrity and back-pressure -----------------------------------------------------
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunks=st.lists(st.binary(min_size=1, max_size=300_000), min_size=1, max_size=6))
+def test_any_write_pattern_arrives_intact(pki: Pki, chunks: list[bytes]) -> None:
+    app = App(half_close=True)
+    payload = b"".join(chunks)
+
+    async def body(ingress: Mesh, egress: Mesh) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", egress.egress_ports[0])
+        try:
+            for chunk in chunks:
+                writer.write(chunk)
+                await writer.drain()
+            writer.write_eof()
+            assert await reader.read() == b"got %d bytes" % len(payload)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    run(lambda: through_mesh(pki, app, body))
+    assert bytes(app.received) == payload
+
+
+def test_a_slow_app_pushes_back_instead_of_filling_memory(pki: Pki) -> None:
+    total = 48 * 1024 * 1024
+    state: dict[str, Any] = {}
+
+    async def slow_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await state["release"].wait()  # reads nothing until released
+        got = 0
+        while data := await reader.read(1 << 20):
+            got += len(data)
+        state["got"] = got
+        writer.close()
+        await writer.wait_closed()
+
+    async def scenario() -> None:
+        state["release"] = asyncio.Event()
+        server = await asyncio.start_server(slow_app, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with (
+                Mesh(server_config(pki, port)) as ingress,
+                Mesh(client_config(pki, ingress.ingress_ports[0])) as egress,
+            ):
+                _, writer = await asyncio.open_connection("127.0.0.1", egress.egress_ports[0])
+
+                async def push() -> None:
+                    block = b"\xab" * (1 << 20)
+                    for _ in range(total // len(block)):
+                        writer.write(block)
+                        await writer.drain()
+                    writer.write_eof()
+
+                pusher = asyncio.create_task(push())
+                listener = ingress.ingress[0]
+                await until(
+                    lambda: any(
+                        link.plain is not None and link.plain.get_write_buffer_size() > 0
+                        for link in listener.links
+                    )
+                )
+                await asyncio.sleep(0.2)  # let the pipeline fill as far as it will
+                for mesh in (ingress, egress):
+                    for lst in (*mesh.ingress, *mesh.egress):
+                        for link in lst.links:
+                            for t in (link.plain, link.net):
+                                assert t is None or t.get_write_buffer_size() <= 3 * 1024 * 1024
+                assert not pusher.done()  # 48 MiB did not fit into the proxies
+                state["release"].set()
+                await pusher
+                await until(lambda: "got" in state)
+                writer.close()
+                await writer.wait_closed()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(scenario)
+    assert state["got"] == total
