@@ -18,6 +18,8 @@ from cloister.errors import CollateralError
 UP_TO_DATE = "UpToDate"
 OUT_OF_DATE = "OutOfDate"
 REVOKED = "Revoked"
+RELAUNCH = "TDRelaunchAdvised"
+RELAUNCH_CONFIGURATION = "TDRelaunchAdvisedConfigurationNeeded"
 _KNOWN_STATUSES = frozenset(
     {
         "UpToDate",
@@ -27,6 +29,8 @@ _KNOWN_STATUSES = frozenset(
         "OutOfDate",
         "OutOfDateConfigurationNeeded",
         "Revoked",
+        RELAUNCH,
+        RELAUNCH_CONFIGURATION,
     }
 )
 
@@ -85,14 +89,17 @@ def _masked_equal(value: bytes, expected: bytes, mask: bytes) -> bool:
     return all(v & m == e & m for v, e, m in zip(value, expected, mask, strict=True))
 
 
-def match_tdx_module(tcb: TcbInfo, report: TdReport) -> tuple[str | None, tuple[str, ...]]:
+def match_tdx_module(
+    tcb: TcbInfo, report: TdReport, tee_tcb_svn: bytes | None = None
+) -> tuple[str | None, tuple[str, ...]]:
     """The TDX module against the TCB Info's ``tdxModule`` / ``tdxModuleIdentities``.
 
     TDX 1.0 modules (TEE_TCB_SVN byte 1 is 0) are matched against ``tdxModule``; later ones
     against the identity ``TDX_<major version>``, whose TCB level gives a status (QVL
-    ``TcbInfoV3``, TDX module identity checks).
+    ``TdxModuleCheck``). ``tee_tcb_svn`` defaults to the report's (TEE_TCB_SVN2 may be given).
     """
-    major = report.tee_tcb_svn[1]
+    svn = report.tee_tcb_svn if tee_tcb_svn is None else tee_tcb_svn
+    major = svn[1]
     if major == 0:
         module = tcb.tdx_module
         if module is None:
@@ -115,10 +122,10 @@ def match_tdx_module(tcb: TcbInfo, report: TdReport) -> tuple[str | None, tuple[
                 f"the TDX module does not match {wanted}", reason="tdx-module-mismatch"
             )
         for isvsvn, status, advisories in identity.levels:
-            if isvsvn <= report.tee_tcb_svn[0]:
+            if isvsvn <= svn[0]:
                 return status, advisories
         raise CollateralError(
-            f"no TCB level of {wanted} matches TDX module SVN {report.tee_tcb_svn[0]}",
+            f"no TCB level of {wanted} matches TDX module SVN {svn[0]}",
             reason="no-matching-tcb-level",
         )
     raise CollateralError(
@@ -140,14 +147,39 @@ def converge(platform: str, other: str | None) -> str:
     return platform
 
 
-def final_status(statuses: Sequence[str | None]) -> str:
+def merge(statuses: Sequence[str | None]) -> str:
+    """The platform status (first) with every other component's status converged into it."""
     platform = statuses[0]
-    assert platform is not None
+    if platform is None:
+        raise ValueError("the platform status comes first")
     for other in statuses[1:]:
         platform = converge(platform, other)
-    if platform not in _KNOWN_STATUSES:
-        raise CollateralError(f"unknown TCB status {platform!r}", reason="malformed-collateral")
-    if platform == REVOKED:
+    return platform
+
+
+def check_for_relaunch(launch: str, current: str) -> str:
+    """TD 1.5 (QVL ``TDRelaunchCheck``): a TD launched under a TDX module that is now out of
+    date, on a platform whose current module (TEE_TCB_SVN2) is not, is advised to relaunch."""
+    if launch in ("OutOfDate", "OutOfDateConfigurationNeeded") and current in (
+        "UpToDate",
+        "SWHardeningNeeded",
+        "ConfigurationNeeded",
+        "ConfigurationAndSWHardeningNeeded",
+    ):
+        configuration = launch == "OutOfDateConfigurationNeeded" or "Configuration" in current
+        return RELAUNCH_CONFIGURATION if configuration else RELAUNCH
+    return launch
+
+
+def accepted_status(status: str) -> str:
+    """A known status that is not ``Revoked``; anything else is a rejection."""
+    if status not in _KNOWN_STATUSES:
+        raise CollateralError(f"unknown TCB status {status!r}", reason="malformed-collateral")
+    if status == REVOKED:
         # The vectors' "accept" requires a matching level whose status is not Revoked.
         raise CollateralError("the platform's TCB is revoked", reason="tcb-revoked")
-    return platform
+    return status
+
+
+def final_status(statuses: Sequence[str | None]) -> str:
+    return accepted_status(merge(statuses))

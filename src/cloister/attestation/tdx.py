@@ -24,8 +24,11 @@ and the PCS API v4 TDX collateral; the shared mechanics are in ``_dcap``. Steps:
          components from TEE_TCB_SVN (bytes 0–1 skipped when a module identity applies);
     (15) the TDX module: MRSIGNER_SEAM and SEAM_ATTRIBUTES against ``tdxModule`` (TDX 1.0) or
          the identity ``TDX_<major>`` and its TCB level by module SVN (TDX 1.5+);
-    (16) TCB status: platform, QE and module statuses merged; ``Revoked`` is a rejection;
-    (17) claims.
+    (16) TD 1.5: the same evaluation (14)–(15) for TEE_TCB_SVN2, the TDX module running now;
+         a TD launched under a module that is out of date on a platform that is no longer
+         gets ``TDRelaunchAdvised`` (QVL ``TDRelaunchCheck``); advisories of both count;
+    (17) TCB status: platform, QE and module statuses merged; ``Revoked`` is a rejection;
+    (18) claims.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
-from cloister.attestation import _dcap, _dcap_steps, _dcap_tcb, _x509
+from cloister.attestation import _dcap, _dcap_collateral, _dcap_steps, _dcap_tcb, _x509
 from cloister.attestation._claims import Claims, ClaimValue, Tee
 from cloister.attestation.collateral import CollateralCache, CollateralSource
 from cloister.attestation.sgx import intel_root_pins, intel_root_pins_only
+from cloister.errors import CollateralError
 
 __all__ = ["TdxVerifier"]
 
@@ -88,9 +92,16 @@ class TdxVerifier:
         level = _dcap_tcb.match_platform_level(tcb, chain.extension, report.tee_tcb_svn)
         # (15) TDX module identity
         module_status, module_advisories = _dcap_tcb.match_tdx_module(tcb, report)
-        # (16) TCB status
-        status = _dcap_tcb.final_status([level.status, qe_status, module_status])
-        # (17) claims
+        status = _dcap_tcb.merge([level.status, qe_status, module_status])
+        advisories = (*level.advisory_ids, *qe_advisories, *module_advisories)
+        # (16) TD 1.5: the module running now, and the relaunch advice
+        current = _current_module(tcb, chain, report, qe_status)
+        if current is not None:
+            status = _dcap_tcb.check_for_relaunch(status, current[0])
+            advisories = (*advisories, *current[1])
+        # (17) TCB status
+        status = _dcap_tcb.accepted_status(status)
+        # (18) claims
         values: dict[str, ClaimValue] = {
             "mrtd": report.mr_td.hex(),
             "rtmr0": report.rtmrs[0].hex(),
@@ -124,5 +135,26 @@ class TdxVerifier:
             debug=report.debug,
             values=values,
             tcb_status=status,
-            advisory_ids=(*level.advisory_ids, *qe_advisories, *module_advisories),
+            advisory_ids=advisories,
         )
+
+
+def _current_module(
+    tcb: _dcap_collateral.TcbInfo,
+    chain: _dcap.PckChain,
+    report: _dcap.TdReport,
+    qe_status: str,
+) -> tuple[str, tuple[str, ...]] | None:
+    """Status and advisories for TEE_TCB_SVN2 (TD 1.5), or ``None`` when there is nothing to
+    evaluate: a TD 1.0 body, an all-zero TEE_TCB_SVN2 (no TD-preserving update), the same
+    value as TEE_TCB_SVN, or no level for it (the launch status then stands)."""
+    svn2 = report.tee_tcb_svn2
+    if svn2 is None or not any(svn2) or svn2 == report.tee_tcb_svn:
+        return None
+    try:
+        level = _dcap_tcb.match_platform_level(tcb, chain.extension, svn2)
+        module_status, module_advisories = _dcap_tcb.match_tdx_module(tcb, report, svn2)
+    except CollateralError:
+        return None
+    status = _dcap_tcb.merge([level.status, qe_status, module_status])
+    return status, (*level.advisory_ids, *module_advisories)

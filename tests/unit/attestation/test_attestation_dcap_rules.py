@@ -19,6 +19,7 @@ from cloister.attestation import (
     _x509,
     collateral,
     sgx,
+    tdx,
 )
 from cloister.errors import CollateralError, EvidenceError, SignatureError
 
@@ -334,3 +335,37 @@ def test_a_shared_cache_does_not_leak_trust_between_pins() -> None:
 def test_now_must_be_timezone_aware() -> None:
     with pytest.raises(ValueError):
         SGX.verifier().verify(SGX.evidence, now=SGX.now.replace(tzinfo=None))
+
+
+@pytest.mark.parametrize(
+    ("launch", "current", "expected"),
+    [
+        ("OutOfDate", "UpToDate", "TDRelaunchAdvised"),
+        ("OutOfDate", "SWHardeningNeeded", "TDRelaunchAdvised"),
+        ("OutOfDate", "ConfigurationNeeded", "TDRelaunchAdvisedConfigurationNeeded"),
+        ("OutOfDateConfigurationNeeded", "UpToDate", "TDRelaunchAdvisedConfigurationNeeded"),
+        ("OutOfDate", "OutOfDate", "OutOfDate"),
+        ("UpToDate", "UpToDate", "UpToDate"),
+        ("Revoked", "UpToDate", "Revoked"),
+    ],
+)
+def test_relaunch_advice(launch: str, current: str, expected: str) -> None:
+    assert _dcap_tcb.check_for_relaunch(launch, current) == expected
+
+
+def test_a_td_launched_under_an_outdated_module_is_advised_to_relaunch() -> None:
+    p = parsed(TDX_V5)
+    report = _dcap.TdReport.parse(p.quote.body)
+    assert report.tee_tcb_svn2 is not None
+    # TDX_01 in this TCB Info: module SVN 4 is UpToDate, 2 is OutOfDate.
+    launched = dataclasses.replace(report, tee_tcb_svn=bytes([2]) + report.tee_tcb_svn[1:])
+    launch, _ = _dcap_tcb.match_tdx_module(p.tcb, launched)
+    assert launch == "OutOfDate"
+    current = tdx._current_module(p.tcb, p.chain, launched, "UpToDate")
+    assert current is not None and current[0] == "UpToDate"
+    merged = _dcap_tcb.merge(["UpToDate", "UpToDate", launch])
+    assert _dcap_tcb.check_for_relaunch(merged, current[0]) == "TDRelaunchAdvised"
+    # No TD-preserving update (TEE_TCB_SVN2 equal or zero): nothing to re-evaluate.
+    assert tdx._current_module(p.tcb, p.chain, report, "UpToDate") is None
+    zero = dataclasses.replace(launched, tee_tcb_svn2=bytes(16))
+    assert tdx._current_module(p.tcb, p.chain, zero, "UpToDate") is None
