@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cloister.attestation import Tee, _dcap, _snp, collateral
-from cloister.errors import EvidenceError, MalformedEvidenceError
+from cloister.errors import CollateralError, EvidenceError, MalformedEvidenceError
 
 ACCEPTED = {
     tee: next(c for c in all_cases(tee.value) if c.accept) for tee in (Tee.SGX, Tee.TDX, Tee.SNP)
@@ -135,3 +135,17 @@ def test_verifiers_on_mutated_collateral(data: st.DataObject) -> None:
     else:
         value = data.draw(st.one_of(st.none(), st.binary(max_size=512)))
     _verify_or_refuse(case, case.evidence, _MutatedSource(case, field, value))
+
+
+@FUZZ
+@given(body=st.binary(max_size=512), key=st.sampled_from([b"tcbInfo", b"enclaveIdentity"]))
+def test_pcs_response_parsing_on_arbitrary_bytes(body: bytes, key: bytes) -> None:
+    for data in (body, b'{"' + key + b'":' + body):
+        try:
+            collateral._signed_object(data, key)
+        except CollateralError:
+            pass
+        try:
+            collateral._signature_hex(data)
+        except CollateralError:
+            pass
