@@ -6,7 +6,9 @@ Paths, each from a plain client to a plain server on 127.0.0.1:
 - ``mesh``: egress proxy → ingress proxy, each its own ``python -m cloister.mesh`` process (as
   in a deployment, where every pod runs its own), mutual TLS 1.3 with identity checks;
 - ``stunnel4``: client-mode stunnel → server-mode stunnel, mutual TLS 1.3, chain and host name
-  verified, client certificate required (Debian's stunnel4);
+  verified, client certificate required (Debian's stunnel4); once with its default TLS session
+  resumption and once without (the mesh never resumes: every connection gets a full handshake
+  and a fresh certificate check);
 - ``socat``: ``socat`` OPENSSL client → OPENSSL-LISTEN server with the same certificates
   (forks one process per connection).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import shutil
@@ -322,23 +325,28 @@ def mesh_path(d: Path, server_port: int) -> tuple[contextlib.AbstractContextMana
     ), front
 
 
-def stunnel_path(d: Path, server_port: int) -> tuple[contextlib.AbstractContextManager[None], int]:
+def stunnel_path(
+    d: Path, server_port: int, *, resume: bool = True
+) -> tuple[contextlib.AbstractContextManager[None], int]:
     front, back = free_port(), free_port()
     common = "foreground = yes\npid =\nsyslog = no\ndebug = 3\n"
-    (d / "st-server.conf").write_text(
-        common + f"[ingress]\naccept = 127.0.0.1:{back}\nconnect = 127.0.0.1:{server_port}\n"
+    tag = "" if resume else "-noresume"
+    service = "" if resume else "sessionResume = no\n"
+    (d / f"st-server{tag}.conf").write_text(
+        common
+        + f"[ingress]\n{service}accept = 127.0.0.1:{back}\nconnect = 127.0.0.1:{server_port}\n"
         f"cert = {d}/api.crt\nkey = {d}/api.key\nCAfile = {d}/ca.crt\n"
         "verifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\n"
     )
-    (d / "st-client.conf").write_text(
-        common + f"[egress]\nclient = yes\naccept = 127.0.0.1:{front}\n"
+    (d / f"st-client{tag}.conf").write_text(
+        common + f"[egress]\n{service}client = yes\naccept = 127.0.0.1:{front}\n"
         f"connect = 127.0.0.1:{back}\ncert = {d}/web.crt\nkey = {d}/web.key\n"
         f"CAfile = {d}/ca.crt\nverifyChain = yes\ncheckHost = api.bench\n"
         "sslVersionMin = TLSv1.3\n"
     )
     return processes(
-        (["stunnel4", str(d / "st-server.conf")], back),
-        (["stunnel4", str(d / "st-client.conf")], front),
+        (["stunnel4", str(d / f"st-server{tag}.conf")], back),
+        (["stunnel4", str(d / f"st-client{tag}.conf")], front),
     ), front
 
 
@@ -430,6 +438,9 @@ def main() -> int:
         paths = [("cloister mesh", mesh_path)]
         if shutil.which("stunnel4"):
             paths.append(("stunnel4 pair", stunnel_path))
+            paths.append(
+                ("stunnel4 pair, no resumption", functools.partial(stunnel_path, resume=False))
+            )
         if shutil.which("socat"):
             paths.append(("socat openssl pair", socat_path))
         for name, make in paths:
