@@ -8,7 +8,7 @@ both front ends drive the same :class:`Volume` through its ``OpenFile`` methods.
 Crash safety rests on three rules:
 
 1. A block is never written into the slot that the last committed manifest names for it
-   (``_seal``), so committed data is never overwritten in place.
+   (``_slot_for``), so committed data is never overwritten in place.
 2. A commit (``sync``) makes the data durable first, then writes the new manifest to a
    temporary file, fsyncs it, renames it over ``manifest`` and fsyncs the directory. The rename
    is the commit point; a crash before it leaves the previous generation intact.
@@ -91,7 +91,11 @@ class OpenFile:
 
 
 class Volume:
-    """An open volume. Not thread-safe: one thread (or one trio loop) drives it."""
+    """An open volume. Not thread-safe: one thread (or one trio loop) drives it.
+
+    The only other thread is the optional ``_WriteBehind`` writer, which touches nothing but
+    ciphertext buffers and file descriptors handed to it.
+    """
 
     def __init__(
         self,

@@ -357,7 +357,8 @@ async def _serve(volume: _volume.Volume, commit_interval: float) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_commit_periodically, volume, commit_interval)
         nursery.start_soon(_stop_on_signals)
-        await pyfuse3.main()
+        # Handlers never await, so one task serves every request; more would only churn.
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 
