@@ -33,6 +33,7 @@ from urllib.parse import unquote
 import httpx
 
 from cloister import limits
+from cloister.attestation import _snp
 from cloister.attestation._claims import Tee
 from cloister.errors import BackendUnavailable, CollateralError
 
@@ -427,8 +428,6 @@ class KdsSource:
         raise _missing("a PCK certificate from AMD KDS")
 
     def snp_collateral(self, request: SnpRequest) -> SnpCollateral:
-        from cloister.attestation import _snp
-
         product = request.product or self._product
         if product is None:
             raise _missing("SNP collateral without a known product")
