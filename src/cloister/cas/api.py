@@ -9,8 +9,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from fastapi import FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloister import __version__, errors, limits, protocol
 from cloister.cas import ratelimit
@@ -26,9 +28,15 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-# Every refusal has the one error body; documented so that clients and fuzzers can rely on it.
+# Every refusal has the one error body, always JSON (also on routes that answer plain text);
+# documented so that clients and fuzzers can rely on it. 422: the request does not fit the
+# documented shape (FastAPI's validation, re-shaped into the error body below).
 _ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
-    status: {"model": protocol.ErrorBody} for status in (400, 403, 404, 408, 409, 413, 429, 503)
+    status: {
+        "model": protocol.ErrorBody,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+    for status in (400, 403, 404, 408, 409, 413, 422, 429, 503)
 }
 
 
@@ -59,12 +67,28 @@ def create_app(
         new_request_id=_request_id,
     )
 
-
     @app.exception_handler(errors.Error)
     async def on_error(request: Request, exc: errors.Error) -> JSONResponse:
         rid = getattr(request.state, "request_id", "-")
         log.info("request %s refused: %s [%s]", rid, exc.message, exc.reason)
         return _error(exc, rid, status_for(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Where the request is wrong, never what it held: the input is not echoed back.
+        where = sorted({".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()[:8]})
+        message = "the request does not fit the API: " + ", ".join(where)[:400]
+        rid = getattr(request.state, "request_id", "-")
+        return _error(errors.Error(message, reason="malformed-request"), rid, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        rid = getattr(request.state, "request_id", "-")
+        reason = {400: "malformed-request", 404: "not-found", 405: "method-not-allowed"}
+        error = errors.Error(str(exc.detail)[:200], reason=reason.get(exc.status_code, "http"))
+        response = _error(error, rid, exc.status_code)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.get("/healthz", response_class=PlainTextResponse)
     async def healthz() -> str:
