@@ -14,7 +14,9 @@ process killed at any moment leaves the last committed generation on disk.
 Speed: the volume has one writer (it holds the volume's lock), so the kernel may cache
 entries, attributes and pages: entry and attribute timeouts are long, ``keep_cache`` keeps
 page caches across opens, and writeback caching lets the kernel merge small writes into
-large requests.
+1 MiB requests. Handlers never await, so one pyfuse3 task serves all requests; the volume's
+writer thread writes sealed blocks and creates data files ahead of need meanwhile, and
+sequential readers get the kernel to fetch data files ahead of them.
 """
 
 from __future__ import annotations
