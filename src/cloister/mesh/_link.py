@@ -275,6 +275,10 @@ class Link:
                 if filled == size:
                     self._deliver(bytes(buf))
                     filled = 0
+                if not self._in.pending and not self._ssl.pending():
+                    # Nothing left to decrypt: the next read would only raise SSLWantReadError,
+                    # and building that exception costs more than this check.
+                    break
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
