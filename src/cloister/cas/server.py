@@ -231,6 +231,7 @@ def serve(
     sock.listen(limits.MAX_HTTP_CONNECTIONS)
     sock.set_inheritable(True)
     pids: list[int] = []
+    parent = os.getpid()
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:  # the worker
@@ -238,6 +239,7 @@ def serve(
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _die_with_parent(parent)
                 make_server(build(settings), host, port, options).run(sockets=[sock])
             except BaseException:  # a worker reports and exits, never returns to the parent's code
                 log.exception("CAS worker %d failed", os.getpid())
@@ -247,6 +249,18 @@ def serve(
         pids.append(pid)
     sock.close()
     _supervise(pids)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker whose supervisor is killed (even with SIGKILL) must not go on serving alone:
+    it would hold the port, and a restarted CAS could not bind it."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _supervise(pids: list[int]) -> None:
