@@ -256,11 +256,13 @@ def report(
             f"tag generation {_generation(report.tag)} does not follow the previous one",
             reason="stale-tag",
         )
-    if owner.policy == "ephemeral":
-        raise ConflictError("an ephemeral volume has no tag to keep", reason="volume-ephemeral")
-    if owner.policy == "no_rollback_protection":
-        store.replace_secret(owner.session, _tag_row(owner.volume), TAG_KIND, report.tag.encode())
-    elif not store.compare_and_replace_secret(  # (5)
+    if owner.policy != "rollback_protection":
+        # ephemeral: a new volume at every start; no_rollback_protection: freshness unchecked.
+        raise ConflictError(
+            f"volume {report.volume!r} ({owner.policy}) has no tag to keep",
+            reason="volume-untracked",
+        )
+    if not store.compare_and_replace_secret(  # (5)
         owner.session,
         _tag_row(owner.volume),
         TAG_KIND,

@@ -5,13 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
 
 import typer
 
 from cloister import protocol
 from cloister.agent import activation, inject
+from cloister.agent import mesh as agent_mesh
+from cloister.agent import volumes as agent_volumes
 from cloister.agent.evidence import EvidenceProvider, SimulatedProvider
 from cloister.attestation import simulated
 from cloister.cli._errors import handle_errors, usage_error
@@ -102,6 +107,12 @@ def run(
     files_root: Path = typer.Option(
         Path("/"), "--files-root", help="prefix for injected file paths"
     ),
+    volumes_root: Path = typer.Option(
+        Path("/var/lib/cloister/volumes"),
+        "--volumes-root",
+        envvar="CLOISTER_VOLUMES_ROOT",
+        help="where encrypted volumes keep their files (one directory per volume)",
+    ),
 ) -> None:
     """Attest this workload, receive its configuration and exec the program (CMD after --)."""
     cmd = list(ctx.args)
@@ -122,6 +133,11 @@ def run(
     argv = prepared.argv if prepared.argv is not None else cmd
     if not argv:
         raise usage_error("the session's service has no command; give one after --")
+    bundle = activated.bundle
+    if bundle.volumes or bundle.mesh is not None:
+        raise SystemExit(
+            _supervise(activated, argv, prepared, url, cert_pem, volumes_root, files_root)
+        )
     if prepared.pwd:
         os.chdir(prepared.pwd)
     sys.stdout.flush()
@@ -130,3 +146,64 @@ def run(
         os.execvpe(argv[0], argv, prepared.environment)  # noqa: S606 - the whole point
     except OSError as exc:
         raise usage_error(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+
+
+def _supervise(
+    activated: activation.Activated,
+    argv: list[str],
+    prepared: inject.Prepared,
+    url: str,
+    cert_pem: bytes | None,
+    volumes_root: Path,
+    files_root: Path,
+) -> int:
+    """Mount and verify volumes, then start the mesh, then run the program as a child.
+
+    The agent stays the program's parent so that, when the program ends, it can make the
+    volumes' final commits (and report their tags) and stop the mesh. Freshness before
+    trust: the mesh, whose certificate other services trust, starts only once every volume
+    matched the CAS's tag (docs/mesh-in-sessions.md).
+    """
+    bundle = activated.bundle
+
+    def clients() -> agent_volumes.TagClient:
+        return agent_volumes.TagClient(url, cert_pem=cert_pem)
+
+    mounted: list[agent_volumes.Mounted] = []
+    mesh_process: agent_mesh.MeshProcess | None = None
+    code = 1
+    try:
+        mounted = agent_volumes.mount_all(
+            bundle, activated.tls_key, clients, volumes_root=volumes_root, files_root=files_root
+        )
+        if bundle.mesh is not None:
+            mesh_process = agent_mesh.start(bundle.mesh, activated.tls_key_pem())
+        code = _run_child(argv, prepared)
+    finally:
+        if mesh_process is not None:
+            mesh_process.stop()
+        if not agent_volumes.unmount_all(mounted) and code == 0:
+            code = 4  # the program succeeded, but its last writes are not acknowledged
+    return code
+
+
+def _run_child(argv: list[str], prepared: inject.Prepared) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        child = subprocess.Popen(argv, env=prepared.environment, cwd=prepared.pwd)
+    except OSError as exc:
+        raise usage_error(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        child.send_signal(signum)
+
+    previous = {
+        s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
+    try:
+        status = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return status if status >= 0 else 128 - status
