@@ -216,6 +216,9 @@ def encrypt(
         raise usage_error(f"{source} does not exist")
     files = [(source, source.name)] if source.is_file() else list(_tree(source))
     with volume.open_volume(_volume_dir(directory), key, expected_root_tag=tag) as vol:
+        if source.is_dir():
+            for sub in sorted(p for p in source.rglob("*") if p.is_dir() and not p.is_symlink()):
+                vol.makedirs(sub.relative_to(source).as_posix(), exist_ok=True)
         total = sum(src.stat().st_size for src, _ in files)
         with _progress(total, "encrypting") as progress:
             for src, rel in files:
@@ -262,6 +265,8 @@ def decrypt(
         paths = list(vol.walk())
         total = sum(vol.stat(p).size for p in paths)
         dest.mkdir(parents=True, exist_ok=True)
+        for path in vol.directories():
+            (dest / path).mkdir(mode=vol.stat(path).mode, exist_ok=True)
         with _progress(total, "decrypting") as progress:
             for path in paths:
                 target = dest / path

@@ -200,6 +200,12 @@ class Volume:
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", path)
         return sorted(self._children.get(p, ()))
 
+    def directories(self) -> Iterator[str]:
+        """Every directory's path (the root excepted), sorted: parents before children."""
+        for path in sorted(self._records):
+            if isinstance(self._records[path], fmt.DirRecord):
+                yield path
+
     def walk(self) -> Iterator[str]:
         """Every regular file's path, sorted."""
         for path in sorted(self._records):

@@ -47,6 +47,7 @@ def test_encrypt_verify_decrypt_round_trip(tmp_path: Path, created: tuple[Path, 
     directory, key, _ = created
     src = tmp_path / "src"
     (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "empty-dir").mkdir()
     (src / "top.txt").write_text("top")
     (src / "sub" / "deeper" / "data.bin").write_bytes(os.urandom(300_000))
     os.chmod(src / "top.txt", 0o640)
@@ -63,6 +64,7 @@ def test_encrypt_verify_decrypt_round_trip(tmp_path: Path, created: tuple[Path, 
     code, out, err = _run("decrypt", directory, dest, "--key-file", key, "--tag", tag)
     assert code == 0, err
     assert (dest / "top.txt").read_text() == "top"
+    assert (dest / "empty-dir").is_dir()
     assert stat.S_IMODE((dest / "top.txt").stat().st_mode) == 0o640
     data = (src / "sub" / "deeper" / "data.bin").read_bytes()
     assert (dest / "sub" / "deeper" / "data.bin").read_bytes() == data
