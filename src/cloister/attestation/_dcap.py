@@ -352,15 +352,42 @@ def pck_chain_error(message: str) -> SignatureError:
     return SignatureError(message, reason="pck-chain")
 
 
-def verify_root(root: x509.Certificate, pins: frozenset[str]) -> None:
-    """The root is self-signed with a pinned key (several issuances share one key: pin the key)."""
-    if _x509.spki_sha256(root) not in pins:
+class Anchors:
+    """The pinned Intel SGX Root CA keys, and the root certificates already seen self-signed.
+
+    Several issuances of the root share one key, so the key is what is pinned; a root
+    certificate is accepted when its key is pinned *and* its own signature verifies (a root
+    whose signature bytes were altered keeps its key). One check per distinct certificate
+    per verifier: the PCK chain and both collateral chains usually carry the same root.
+    """
+
+    def __init__(self, pins: frozenset[str]) -> None:
+        if not pins:
+            raise ValueError("pin at least one root key")
+        self.pins = pins
+        self._self_signed: set[bytes] = set()
+
+    def root_ok(self, root: x509.Certificate) -> bool:
+        if _x509.spki_sha256(root) not in self.pins:
+            return False
+        fingerprint = root.fingerprint(hashes.SHA256())
+        if fingerprint in self._self_signed:
+            return True
+        if not _x509.issued_by(root, root):
+            return False
+        self._self_signed.add(fingerprint)
+        return True
+
+
+def verify_root(root: x509.Certificate, anchors: Anchors) -> None:
+    """The chain ends in a pinned, self-signed Intel SGX Root CA."""
+    if _x509.spki_sha256(root) not in anchors.pins:
         raise pck_chain_error("the chain does not end in a pinned Intel SGX Root CA key")
-    if not _x509.issued_by(root, root):
+    if not anchors.root_ok(root):
         raise pck_chain_error("the Intel SGX Root CA certificate's self-signature does not verify")
 
 
-def build_pck_chain(pem: bytes, pins: frozenset[str]) -> PckChain:
+def build_pck_chain(pem: bytes, anchors: Anchors) -> PckChain:
     """Parse, order and signature-check a PCK chain; ``pck-chain`` on any failure."""
     try:
         certs = _x509.order_chain(_x509.load_pem_certs(pem))
@@ -369,7 +396,7 @@ def build_pck_chain(pem: bytes, pins: frozenset[str]) -> PckChain:
     if len(certs) != 3:
         raise pck_chain_error(f"a PCK chain has 3 certificates, got {len(certs)}")
     leaf, ca, root = certs
-    verify_root(root, pins)
+    verify_root(root, anchors)
     # Intel SGX PCK Certificate and CRL Profile §1.3: root → PCK Processor/Platform CA → PCK.
     if not _x509.issued_by(ca, root):
         raise pck_chain_error("the PCK CA certificate is not signed by the Intel SGX Root CA")

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cloister.attestation import _x509
-from cloister.attestation._dcap import ecdsa_p256_ok
+from cloister.attestation._dcap import Anchors, ecdsa_p256_ok
 from cloister.attestation._x509 import Window
 from cloister.errors import CollateralError, SignatureError
 
@@ -210,7 +210,7 @@ TCB_SIGNING_CN = "Intel SGX TCB Signing"
 
 
 def verify_signing_chain(
-    pem: bytes | None, pins: frozenset[str], *, reason: str
+    pem: bytes | None, anchors: Anchors, *, reason: str
 ) -> tuple[x509.Certificate, ...]:
     """A collateral issuer chain: Intel SGX TCB Signing → Intel SGX Root CA, root key pinned.
 
@@ -234,7 +234,7 @@ def verify_signing_chain(
             reason=reason,
         )
     root = certs[-1]
-    if _x509.spki_sha256(root) not in pins or not _x509.issued_by(root, root):
+    if not anchors.root_ok(root):
         raise SignatureError(
             "the collateral issuer chain does not end in the pinned root", reason=reason
         )

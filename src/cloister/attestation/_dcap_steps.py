@@ -12,8 +12,11 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TypeVar
 
+from cryptography import x509
+
 from cloister.attestation._claims import Tee
 from cloister.attestation._dcap import (
+    Anchors,
     PckChain,
     Quote,
     SgxReport,
@@ -60,6 +63,7 @@ class DcapSteps:
         self.source = source
         self.cache = cache
         self.pins = pins
+        self.anchors = Anchors(pins)
         # Memo keys carry the pins: a cache shared by verifiers with different roots must not
         # hand one of them a chain that only the other's roots endorse.
         self._tag = hashlib.sha256("\0".join(sorted(pins)).encode()).digest()
@@ -67,9 +71,15 @@ class DcapSteps:
     def _memo(self, kind: str, material: bytes, build: Callable[[], T]) -> T:
         return self.cache.memo(kind, self._tag + material, build)
 
+    def _signing_chain(self, pem: bytes, *, reason: str) -> tuple[x509.Certificate, ...]:
+        # TCB Info and QE Identity usually share one issuer chain: check it once.
+        return self._memo(
+            "signing-chain", pem, lambda: verify_signing_chain(pem, self.anchors, reason=reason)
+        )
+
     def pck_chain(self, quote: Quote, tee: Tee) -> PckChain:
         pem = pck_chain_pem(quote, self.source, tee)
-        return self._memo("pck-chain", pem, lambda: build_pck_chain(pem, self.pins))
+        return self._memo("pck-chain", pem, lambda: build_pck_chain(pem, self.anchors))
 
     def qe_report(self, quote: Quote, chain: PckChain) -> SgxReport:
         """QE report signature and attestation-key binding, memoized per (PCK key, QE report)."""
@@ -99,7 +109,7 @@ class DcapSteps:
             )
 
         def build() -> TcbInfo:
-            signers = verify_signing_chain(pem, self.pins, reason="tcb-info-signature")
+            signers = self._signing_chain(pem, reason="tcb-info-signature")
             verify_signed_json(body, sig, signers, reason="tcb-info-signature")
             try:
                 return parse_tcb_info(body, signers)
@@ -137,7 +147,7 @@ class DcapSteps:
             raise CollateralError("no QE Identity is available", reason="collateral-missing")
 
         def build() -> QeIdentity:
-            signers = verify_signing_chain(pem, self.pins, reason="qe-identity-signature")
+            signers = self._signing_chain(pem, reason="qe-identity-signature")
             verify_signed_json(body, sig, signers, reason="qe-identity-signature")
             try:
                 return parse_qe_identity(body, signers)

@@ -270,7 +270,7 @@ def test_pck_chain_order_does_not_matter_but_completeness_does() -> None:
 
 def test_a_root_that_is_not_pinned_is_refused() -> None:
     with pytest.raises(SignatureError) as info:
-        _dcap.build_pck_chain(parsed(SGX).quote.cert_data, frozenset({"00" * 32}))
+        _dcap.build_pck_chain(parsed(SGX).quote.cert_data, _dcap.Anchors(frozenset({"00" * 32})))
     assert info.value.reason == "pck-chain"
 
 
@@ -313,7 +313,7 @@ def test_collateral_must_be_signed_by_the_tcb_signing_certificate() -> None:
     )
     with pytest.raises(SignatureError) as info:
         _dcap_collateral.verify_signing_chain(
-            pem, sgx.intel_root_pins(), reason="tcb-info-signature"
+            pem, _dcap.Anchors(sgx.intel_root_pins()), reason="tcb-info-signature"
         )
     assert info.value.reason == "tcb-info-signature"
 
