@@ -208,8 +208,10 @@ def write_status(
     }
     out = patch.setdefault("status", {})
     out["accepted"] = bool(verdict.accepted)
-    out["hash"] = verdict.hash
-    out["reason"] = "" if verdict.accepted else verdict.reason
+    # kube-apiserver reads "" in a merge patch as null, which the schema refuses: omit instead.
+    out["hash"] = verdict.hash or None
+    # An accepted session has no reason; null removes the field (JSON merge patch).
+    out["reason"] = None if verdict.accepted else verdict.reason
     if generation is not None:
         out["observedGeneration"] = generation
         condition["observedGeneration"] = generation
@@ -267,7 +269,12 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         write_status(patch, status, generation, verdict)
         if not verdict.accepted:
             # Final for this generation: a new, correctly signed spec is the only way forward.
-            kopf.warn(body, reason="SessionRefused", message=f"{verdict.reason}: {verdict.message}")
+            kopf.event(
+                body,
+                type="Warning",
+                reason="SessionRefused",
+                message=f"{verdict.reason}: {verdict.message}",
+            )
             raise kopf.PermanentError(f"the CAS refused the session: {verdict.reason}")
         logger.info("%s (hash %s)", verdict.message, verdict.hash)
 
@@ -300,8 +307,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             name,
             session_name,
         )
-        kopf.info(
+        kopf.event(
             body,
+            type="Normal",
             reason="SessionKept",
             message=f"resource deleted; session {session_name} stays in the CAS",
         )
