@@ -894,12 +894,20 @@ class Volume:
             f.committed = bytes(f.rec.slots)
             extents = fmt.data_extents(self.block_size, f.rec.size, f.rec.slots)
             for slot, extent in enumerate(extents):
-                if slot == 1 and not extent and (fid, 1) not in self._fds:
-                    continue  # never written, or already trimmed and closed
-                fd = self._fd(fid, slot, create=slot == 1)
-                if os.fstat(fd).st_size > extent:
-                    os.ftruncate(fd, extent)
+                fd = self._fds.get((fid, slot))
+                if fd is not None:
+                    if os.fstat(fd).st_size > extent:
+                        os.ftruncate(fd, extent)
+                    continue
+                # Not open: look by name rather than reopen (a commit may follow thousands of
+                # new files); a slot file that was never created needs nothing.
+                name = os.path.join(self._data_dir, fmt.data_name(fid, slot))
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(name).st_size > extent:
+                        os.truncate(name, extent)
         self._changed.clear()
+        # Clean files without handles need no runtime state until they are used again.
+        self._open = {fid: f for fid, f in self._open.items() if f.handles}
 
     def _recover(self) -> None:
         """Remove what a crashed writer left: a half-written manifest, orphans, tails."""

@@ -207,6 +207,28 @@ def test_a_crash_leaves_the_last_committed_version(tmp_path: Path, write_behind:
             assert reopened.verify() == expected
 
 
+def test_slot_files_are_trimmed_even_when_not_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloister.volume import _volume
+
+    monkeypatch.setattr(_volume, "_MAX_OPEN_DATA_FILES", 1)  # every other file evicts it
+    directory = str(tmp_path / "vol")
+    with volume.create(directory, h.KEY, block_size=h.BLOCK) as v:
+        v.write_bytes("a", b"a" * 2 * h.BLOCK)
+        v.sync()
+        for round_ in range(3):  # block 0 moves to slot 1, back to slot 0, and to slot 1
+            with v.open("a", "r+b") as f:
+                f.write(bytes([round_]) * h.BLOCK)
+            v.write_bytes(f"other{round_}", b"evicts a's descriptors")
+            tag = v.sync()
+        v.write_bytes("a", b"short")  # both slot files shrink
+        tag = v.sync()
+    with volume.open_volume(directory, h.KEY, expected_root_tag=tag, read_only=True) as v:
+        assert v.verify() == tag
+        assert v.read_bytes("a") == b"short"
+
+
 def test_on_sync_reports_each_commit_and_retries_a_failed_report(tmp_path: Path) -> None:
     reported: list[str] = []
     fail = [True]
