@@ -1,31 +1,8 @@
 """Intel SGX DCAP ECDSA quotes (v3, v4, v5 with an SGX body) → verified ``Claims``.
 
 The appraisal follows Intel's DCAP Quote Verification Library (``sgxAttestationVerifyQuote``)
-and the PCS API v4 collateral rules; the shared mechanics are in ``_dcap``. Steps:
-
-    (1)  bounds, header: size limit, version 3/4/5 with TEE type SGX, ECDSA-256-with-P-256 key;
-    (2)  layout: report body, signature data and certification data lengths are consistent;
-    (3)  PCK chain: from the quote (certification data type 5) or the collateral source;
-         ordered by issuer, each signature checked, ending in the Intel SGX Root CA whose
-         public key is pinned (several issuances of that root exist);
-    (4)  QE report signature under the PCK key;
-    (5)  attestation-key binding: QE REPORTDATA = SHA-256(attestation key ‖ QE auth data) ‖ 0³²;
-    (6)  quote signature over header ‖ body under the attestation key;
-    (7)  PCK certificate, PCK CA and root validity windows at ``now``;
-    (8)  collateral for the PCK certificate's FMSPC, PCE ID and PCK CA (cache, then source);
-    (9)  TCB Info: issuer chain to the pinned root, signature over its exact bytes, id SGX,
-         FMSPC and PCE ID equal to the PCK certificate's;
-    (10) QE Identity: issuer chain, signature over its exact bytes, id QE;
-    (11) TCB Info and QE Identity windows ``[issueDate, nextUpdate)`` and their signing
-         certificates' windows at ``now``;
-    (12) CRLs: root CA CRL signed by the root, PCK CRL signed by the PCK CA, both current at
-         ``now``, revoking neither the PCK certificate nor the PCK CA;
-    (13) the QE matches the QE Identity (MRSIGNER, ISVPRODID, MISCSELECT and ATTRIBUTES under
-         their masks); its TCB level by ISVSVN;
-    (14) the platform TCB level: the first level whose SGX components and PCESVN the PCK
-         certificate's TCB meets;
-    (15) TCB status: platform status merged with the QE's; ``Revoked`` is a rejection;
-    (16) claims.
+and the PCS API v4 collateral rules; the shared mechanics are in ``_dcap``. The numbered
+appraisal steps open ``SgxVerifier.verify``; the code labels each step ``# (n)``.
 """
 
 from __future__ import annotations
@@ -71,6 +48,32 @@ class SgxVerifier:
         self._steps = _dcap_steps.DcapSteps(collateral, cache or CollateralCache(), pins)
 
     def verify(self, evidence: bytes, *, now: datetime) -> Claims:
+        """Verify ``evidence`` at ``now``; raise an ``EvidenceError`` naming the failed step.
+
+        (1)  bounds, header: size limit, version 3/4/5 with TEE type SGX, ECDSA-256-with-P-256 key;
+        (2)  layout: report body, signature data and certification data lengths are consistent;
+        (3)  PCK chain: from the quote (certification data type 5) or the collateral source;
+             ordered by issuer, each signature checked, ending in the Intel SGX Root CA whose
+             public key is pinned (several issuances of that root exist);
+        (4)  QE report signature under the PCK key;
+        (5)  attestation-key binding: QE REPORTDATA = SHA-256(attestation key ‖ QE auth data) ‖ 0³²;
+        (6)  quote signature over header ‖ body under the attestation key;
+        (7)  PCK certificate, PCK CA and root validity windows at ``now``;
+        (8)  collateral for the PCK certificate's FMSPC, PCE ID and PCK CA (cache, then source);
+        (9)  TCB Info: issuer chain to the pinned root, signature over its exact bytes, id SGX,
+             FMSPC and PCE ID equal to the PCK certificate's;
+        (10) QE Identity: issuer chain, signature over its exact bytes, id QE;
+        (11) TCB Info and QE Identity windows ``[issueDate, nextUpdate)`` and their signing
+             certificates' windows at ``now``;
+        (12) CRLs: root CA CRL signed by the root, PCK CRL signed by the PCK CA, both current at
+             ``now``, revoking neither the PCK certificate nor the PCK CA;
+        (13) the QE matches the QE Identity (MRSIGNER, ISVPRODID, MISCSELECT and ATTRIBUTES under
+             their masks); its TCB level by ISVSVN;
+        (14) the platform TCB level: the first level whose SGX components and PCESVN the PCK
+             certificate's TCB meets;
+        (15) TCB status: platform status merged with the QE's; ``Revoked`` is a rejection;
+        (16) claims.
+        """
         steps = self._steps
         _x509.require_aware(now)
         # (1) (2) bounds, header and layout

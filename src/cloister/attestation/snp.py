@@ -2,26 +2,8 @@
 
 The appraisal follows the SEV-SNP Firmware ABI Specification ("Attestation", the
 ``ATTESTATION_REPORT`` structure and its signature) and AMD's VCEK/KDS specification for the
-certificates; the layouts are in ``_snp``. Steps:
-
-    (1)  bounds and layout: a 1184-byte report, optionally followed by the extended report's
-         certificate table; version ≥ 2; SIGNATURE_ALGO is ECDSA P-384 with SHA-384;
-         SIGNING_KEY is VCEK or VLEK; MASK_CHIP_KEY is clear;
-    (2)  product: from CPUID family/model (report v3+), else from the verifier's configuration
-         or the collateral's certificate names;
-    (3)  certificates: VCEK/VLEK, ASK/ASVK and ARK from the certificate table, else from the
-         collateral source (keyed by product, chip and reported TCB); ASK/ASVK and ARK default
-         to the shipped ones for the product;
-    (4)  ARK: its public key is the one pinned for the product, and it is self-signed;
-    (5)  ASK (VCEK) or ASVK (VLEK) is signed by the ARK (RSASSA-PSS, SHA-384);
-    (6)  the VCEK/VLEK is signed by the ASK/ASVK and holds a P-384 key;
-    (7)  validity windows of VCEK/VLEK, ASK/ASVK and ARK at ``now``;
-    (8)  the certificate is for this product (its productName extension);
-    (9)  REPORTED_TCB equals the certificate's TCB extensions (BL, TEE, SNP, microcode; FMC on
-         Turin);
-    (10) CHIP_ID equals the VCEK's hwID (VCEK only; Turin's hwID is the first 8 bytes);
-    (11) the report signature over bytes [0, 0x2A0) under the VCEK/VLEK;
-    (12) claims (no TCB status: SNP reports its TCB in ``values``).
+certificates; the layouts are in ``_snp``. The numbered appraisal steps open
+``SnpVerifier.verify``; the code labels each step ``# (n)``.
 """
 
 from __future__ import annotations
@@ -96,6 +78,27 @@ class SnpVerifier:
         self._tag = hashlib.sha256(repr(sorted(self._pins.items())).encode()).digest()
 
     def verify(self, evidence: bytes, *, now: datetime) -> Claims:
+        """Verify ``evidence`` at ``now``; raise an ``EvidenceError`` naming the failed step.
+
+        (1)  bounds and layout: a 1184-byte report, optionally followed by the extended report's
+             certificate table; version ≥ 2; SIGNATURE_ALGO is ECDSA P-384 with SHA-384;
+             SIGNING_KEY is VCEK or VLEK; MASK_CHIP_KEY is clear;
+        (2)  product: from CPUID family/model (report v3+), else from the verifier's configuration
+             or the collateral's certificate names;
+        (3)  certificates: VCEK/VLEK, ASK/ASVK and ARK from the certificate table, else from the
+             collateral source (keyed by product, chip and reported TCB); ASK/ASVK and ARK default
+             to the shipped ones for the product;
+        (4)  ARK: its public key is the one pinned for the product, and it is self-signed;
+        (5)  ASK (VCEK) or ASVK (VLEK) is signed by the ARK (RSASSA-PSS, SHA-384);
+        (6)  the VCEK/VLEK is signed by the ASK/ASVK and holds a P-384 key;
+        (7)  validity windows of VCEK/VLEK, ASK/ASVK and ARK at ``now``;
+        (8)  the certificate is for this product (its productName extension);
+        (9)  REPORTED_TCB equals the certificate's TCB extensions (BL, TEE, SNP, microcode; FMC on
+             Turin);
+        (10) CHIP_ID equals the VCEK's hwID (VCEK only; Turin's hwID is the first 8 bytes);
+        (11) the report signature over bytes [0, 0x2A0) under the VCEK/VLEK;
+        (12) claims (no TCB status: SNP reports its TCB in ``values``).
+        """
         _x509.require_aware(now)
         # (1) bounds and layout
         raw, table = _snp.split_evidence(evidence)

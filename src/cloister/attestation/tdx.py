@@ -1,34 +1,8 @@
 """Intel TDX quotes (v4 with a TD 1.0 body; v5 with a TD 1.0 or TD 1.5 body) → ``Claims``.
 
 The appraisal follows Intel's DCAP Quote Verification Library for TDX (``tee_verify_quote``)
-and the PCS API v4 TDX collateral; the shared mechanics are in ``_dcap``. Steps:
-
-    (1)  bounds, header: size limit, version 4/5 with TEE type TDX (0x81), ECDSA P-256 key;
-    (2)  layout: v5 body descriptor (type 2 = TD 1.0, 3 = TD 1.5) and size, signature data and
-         certification data lengths (QE report certification data, then the PCK chain);
-    (3)  PCK chain: ordered by issuer, each signature checked, ending in the pinned Intel SGX
-         Root CA public key;
-    (4)  QE report signature under the PCK key;
-    (5)  attestation-key binding: QE REPORTDATA = SHA-256(attestation key ‖ QE auth data) ‖ 0³²;
-    (6)  quote signature over header ‖ (descriptor ‖) body under the attestation key;
-    (7)  PCK certificate, PCK CA and root validity windows at ``now``;
-    (8)  collateral for the FMSPC, PCE ID and PCK CA (cache, then source);
-    (9)  TCB Info: issuer chain to the pinned root, signature over its exact bytes, id TDX
-         (version 3), FMSPC and PCE ID equal to the PCK certificate's;
-    (10) QE Identity: issuer chain, signature, id TD_QE;
-    (11) TCB Info and QE Identity windows ``[issueDate, nextUpdate)`` and their signing
-         certificates' windows;
-    (12) CRLs: root CA CRL and PCK CRL signed, current, revoking neither PCK nor PCK CA;
-    (13) the TD QE matches its identity; its TCB level by ISVSVN;
-    (14) the platform TCB level: SGX components and PCESVN from the PCK certificate, TDX
-         components from TEE_TCB_SVN (bytes 0–1 skipped when a module identity applies);
-    (15) the TDX module: MRSIGNER_SEAM and SEAM_ATTRIBUTES against ``tdxModule`` (TDX 1.0) or
-         the identity ``TDX_<major>`` and its TCB level by module SVN (TDX 1.5+);
-    (16) TD 1.5: the same evaluation (14)–(15) for TEE_TCB_SVN2, the TDX module running now;
-         a TD launched under a module that is out of date on a platform that is no longer
-         gets ``TDRelaunchAdvised`` (QVL ``TDRelaunchCheck``); advisories of both count;
-    (17) TCB status: platform, QE and module statuses merged; ``Revoked`` is a rejection;
-    (18) claims.
+and the PCS API v4 TDX collateral; the shared mechanics are in ``_dcap``. The numbered
+appraisal steps open ``TdxVerifier.verify``; the code labels each step ``# (n)``.
 """
 
 from __future__ import annotations
@@ -61,6 +35,35 @@ class TdxVerifier:
         self._steps = _dcap_steps.DcapSteps(collateral, cache or CollateralCache(), pins)
 
     def verify(self, evidence: bytes, *, now: datetime) -> Claims:
+        """Verify ``evidence`` at ``now``; raise an ``EvidenceError`` naming the failed step.
+
+        (1)  bounds, header: size limit, version 4/5 with TEE type TDX (0x81), ECDSA P-256 key;
+        (2)  layout: v5 body descriptor (type 2 = TD 1.0, 3 = TD 1.5) and size, signature data and
+             certification data lengths (QE report certification data, then the PCK chain);
+        (3)  PCK chain: ordered by issuer, each signature checked, ending in the pinned Intel SGX
+             Root CA public key;
+        (4)  QE report signature under the PCK key;
+        (5)  attestation-key binding: QE REPORTDATA = SHA-256(attestation key ‖ QE auth data) ‖ 0³²;
+        (6)  quote signature over header ‖ (descriptor ‖) body under the attestation key;
+        (7)  PCK certificate, PCK CA and root validity windows at ``now``;
+        (8)  collateral for the FMSPC, PCE ID and PCK CA (cache, then source);
+        (9)  TCB Info: issuer chain to the pinned root, signature over its exact bytes, id TDX
+             (version 3), FMSPC and PCE ID equal to the PCK certificate's;
+        (10) QE Identity: issuer chain, signature, id TD_QE;
+        (11) TCB Info and QE Identity windows ``[issueDate, nextUpdate)`` and their signing
+             certificates' windows;
+        (12) CRLs: root CA CRL and PCK CRL signed, current, revoking neither PCK nor PCK CA;
+        (13) the TD QE matches its identity; its TCB level by ISVSVN;
+        (14) the platform TCB level: SGX components and PCESVN from the PCK certificate, TDX
+             components from TEE_TCB_SVN (bytes 0–1 skipped when a module identity applies);
+        (15) the TDX module: MRSIGNER_SEAM and SEAM_ATTRIBUTES against ``tdxModule`` (TDX 1.0) or
+             the identity ``TDX_<major>`` and its TCB level by module SVN (TDX 1.5+);
+        (16) TD 1.5: the same evaluation (14)–(15) for TEE_TCB_SVN2, the TDX module running now;
+             a TD launched under a module that is out of date on a platform that is no longer
+             gets ``TDRelaunchAdvised`` (QVL ``TDRelaunchCheck``); advisories of both count;
+        (17) TCB status: platform, QE and module statuses merged; ``Revoked`` is a rejection;
+        (18) claims.
+        """
         steps = self._steps
         _x509.require_aware(now)
         # (1) (2) bounds, header and layout
