@@ -37,6 +37,7 @@ MAX_LINE_BYTES = 64 * 1024
 MAX_ENTRIES = 50_000_000
 _FORBIDDEN_FIELDS = ("value", "secret", "password", "key_material", "plaintext")
 _MAX_MESSAGE = 500
+_RESERVED = ("seq", "prev", "time", "event", "hash", "sig", "trailer")
 
 
 class AuditLog:
@@ -48,6 +49,8 @@ class AuditLog:
 
     def record(self, event: str, **fields: Any) -> AuditRecord:
         for name in fields:
+            if name in _RESERVED:
+                raise ValueError(f"audit field {name!r} is the log's own")
             if any(bad in name for bad in _FORBIDDEN_FIELDS):
                 raise ValueError(f"audit field {name!r} could carry a secret value")
         clean = {k: v for k, v in fields.items() if v is not None}
@@ -228,21 +231,21 @@ def _signers(signed: Any) -> list[str]:
 def on_create(signed: Any, *, result: Any) -> dict[str, Any]:
     if result is None:
         return {"signers": _signers(signed)}
-    return {"session": result.name, "hash": result.hash, "version": result.version,
+    return {"session": result.name, "session_hash": result.hash, "version": result.version,
             "signers": _signers(signed)}  # fmt: skip
 
 
 def on_update(name: str, signed: Any, *, result: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"session": name[:1024], "signers": _signers(signed)}
     if result is not None:
-        out.update(hash=result.hash, version=result.version)
+        out.update(session_hash=result.hash, version=result.version)
     return out
 
 
 def on_read(name: str, req: Any, now: Any, *, result: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"session": name[:1024], "reader": str(req.public_key)[:200]}
     if result is not None:
-        out.update(hash=result.hash, version=result.version)
+        out.update(session_hash=result.hash, version=result.version)
     return out
 
 

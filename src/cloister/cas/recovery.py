@@ -26,6 +26,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +87,7 @@ def open_store(
 ) -> Store:
     """The store of the CAS in ``data_dir``: its key (simulation: a file), verified at open."""
     path = data_dir / KEY_FILE
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not path.exists():
         if not create_key or not _database_is_empty(db_url(data_dir, url)):
             raise StoreError(
@@ -470,11 +473,30 @@ def record_start(store: Store, *, simulation: bool) -> None:
     log_ = audit.AuditLog(store)
     log_.record("cas-start", simulation=simulation, head=store.head().seq, pid=os.getpid())
 
+    stopped = threading.Event()
+
     def stop() -> None:
         # A clean exit (SIGTERM, Ctrl-C) records the stop; a crash leaves only the start.
+        if stopped.is_set():
+            return
+        stopped.set()
         try:
             log_.record("cas-stop", head=store.head().seq, pid=os.getpid())
         except Error as exc:
             log.warning("the stop of this CAS could not be audited: %s", exc.message)
 
     atexit.register(stop)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises SIGTERM after its graceful shutdown, which skips atexit: record the
+        # stop on the way, then let the signal do what it did before.
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum: int, frame: Any) -> None:
+            stop()
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+
+        signal.signal(signal.SIGTERM, on_term)

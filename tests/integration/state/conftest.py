@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from tests import pg
+from tests.conftest import CasProcess, free_port
 
 from cloister import protocol
 from cloister.agent import activation
@@ -25,8 +27,6 @@ from cloister.agent.evidence import SimulatedProvider
 from cloister.attestation import simulated
 from cloister.client import CasClient
 from cloister.session import Session, public_key_of, signatures
-from tests import pg
-from tests.conftest import CasProcess, free_port
 
 MEASUREMENT = bytes(range(32))
 SERVE_FLAGS = ("--workers", "1", "--session-rate", "100000", "--session-burst", "100000",

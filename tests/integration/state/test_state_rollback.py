@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-
-from cloister.errors import Error
 from tests import pg
 from tests.integration.state.conftest import Owner, StateCas, assert_no_secret_in
+
+from cloister.errors import Error
 
 
 def _sql(url: str, statement: str) -> None:
