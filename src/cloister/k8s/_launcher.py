@@ -37,13 +37,16 @@ import cloister
 __all__ = ["install"]
 
 _SKIP_DIRS: Final = frozenset({"__pycache__", "test", "tests", "idlelib", "tkinter", "ensurepip"})
+# Tk needs X11 libraries and nothing in the agent uses it.
+_SKIP_FILES: Final = ("_tkinter",)
 _LDD_LINE: Final = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x[0-9a-f]+\)")
 
 LAUNCHER: Final = """#!/bin/sh
 # Cloister agent launcher, installed by 'cloister k8s install-agent'.
 # Starts the agent with the Python and the libraries copied beside it: the application
-# image needs nothing but this shell. The agent then execs the application.
-here=$(CDPATH= cd -- "$(dirname -- "$0")/.." && pwd) || exit 127
+# image needs nothing but this shell (not even dirname). The agent then execs the application.
+case $0 in */*) bindir=${{0%/*}} ;; *) bindir=. ;; esac
+here=$(CDPATH= cd -- "$bindir/.." && pwd) || exit 127
 exec "$here/lib/{loader}" --library-path "$here/lib" \\
   "$here/python/bin/python3" -I -m cloister run "$@"
 """
@@ -96,7 +99,7 @@ def _copy_tree(src: Path, dst: Path, *, skip: frozenset[str] | set[str]) -> None
         rel = Path(root).relative_to(src)
         (dst / rel).mkdir(parents=True, exist_ok=True)
         for name in files:
-            if name.endswith((".pyc", ".pth")) and not name.startswith("distutils-precedence"):
+            if name.endswith((".pyc", ".pth")) or name.startswith(_SKIP_FILES):
                 continue
             target = dst / rel / name
             if not target.exists():
