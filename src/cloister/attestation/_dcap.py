@@ -388,7 +388,13 @@ def verify_root(root: x509.Certificate, anchors: Anchors) -> None:
 
 
 def build_pck_chain(pem: bytes, anchors: Anchors) -> PckChain:
-    """Parse, order and signature-check a PCK chain; ``pck-chain`` on any failure."""
+    """Parse, order and signature-check a PCK chain; ``pck-chain`` on any failure.
+
+    Built by hand rather than with ``cryptography.x509.verification``, whose policies are Web
+    PKI profiles (SAN and EKU requirements, one trust store of certificates): Intel's chain is
+    pinned by *key* across root issuances, its shape is fixed (root → PCK Processor/Platform CA
+    → PCK) and its time checks must name which certificate failed.
+    """
     try:
         certs = _x509.order_chain(_x509.load_pem_certs(pem))
     except ValueError as exc:

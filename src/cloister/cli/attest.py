@@ -17,8 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cloister import errors, limits
-from cloister.attestation import Claims, Tee, collateral, verifier_for
+from cloister import attestation, errors, limits
+from cloister.attestation import Claims, Tee, collateral
 from cloister.cli._errors import EXIT_OK, EXIT_REFUSED, exit_code_for, usage_error
 
 app = typer.Typer(help="verify TEE evidence (SGX, TDX, SEV-SNP)", no_args_is_help=True)
@@ -112,7 +112,7 @@ def verify(
     claims: Claims | None = None
     error: errors.Error | None = None
     try:
-        claims = verifier_for(kind, collateral=source).verify(data, now=now)
+        claims = attestation.verifier_for(kind, collateral=source).verify(data, now=now)
     except errors.EvidenceError as exc:
         error = exc
     except errors.Error as exc:  # a collateral service is down: not a verdict on the evidence
