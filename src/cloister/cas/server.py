@@ -70,9 +70,12 @@ def build(settings: Settings, *, now: datetime | None = None) -> Cas:
     # key: a rolled-back or edited database stops the CAS here (RollbackError, logged).
     store = recovery.open_store(settings.data_dir, settings.db_url, create_key=True)
     recovery.record_start(store, simulation=settings.simulation)
-    identity = Identity.load_or_create(store, hostnames=settings.hostnames, now=now)
     platform = simulated.SimulatedPlatform.load_or_create(
         settings.data_dir / "simulation-platform.key"
+    )
+    self_evidence = SimulatedSelf(platform, cas_measurement())
+    identity = Identity.load_or_create(
+        store, hostnames=settings.hostnames, now=now, self_evidence=self_evidence
     )
     verifiers: dict[Tee, Verifier] = {Tee.SIMULATION: simulated.SimulatedVerifier()}
     verifiers.update(hardware_verifiers(settings))
@@ -80,7 +83,7 @@ def build(settings: Settings, *, now: datetime | None = None) -> Cas:
         store,
         identity,
         verifiers,
-        self_evidence=SimulatedSelf(platform, cas_measurement()),
+        self_evidence=self_evidence,
     )
 
 

@@ -127,6 +127,20 @@ def attest(
         presented = ssl.get_server_certificate((parts.hostname, parts.port or 443)).encode()
     except OSError as exc:
         raise BackendUnavailable(f"cannot reach the CAS at {url}: {exc}") from None
+    # (1a) RA-TLS: the evidence in the certificate binds its key (checked before any request)
+    from cloister.attestation import Claims
+    from cloister.cas import identity as cas_identity
+
+    try:
+        ra_tls: Claims | None = cas_identity.verify_ra_tls(
+            x509.load_pem_x509_certificate(presented),
+            now=datetime.now(UTC),
+            allow_simulation=allow_simulation,
+        )
+    except AccessDenied as exc:
+        if exc.reason != "no-evidence-extension":
+            raise  # evidence that is present must verify
+        ra_tls = None  # a certificate made before RA-TLS: the evidence endpoint decides alone
     nonce = secrets.token_hex(32)
     with CasClient(url, cert_pem=presented) as client:
         ev = client.evidence(nonce)
@@ -159,6 +173,11 @@ def attest(
         raise AppraisalError(
             f"the CAS's measurement is {got}, not {measurement}", reason="measurement-mismatch"
         )
+    if ra_tls is not None:
+        in_cert = ra_tls.values["measurement"]
+        print(f"evidence in the TLS certificate verified: measurement {in_cert}")
+    else:
+        print("the TLS certificate carries no evidence; the evidence endpoint was checked alone")
     path = pin_path(url)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.write_bytes(presented)
