@@ -327,12 +327,14 @@ def check_signing_chain_windows(chain: tuple[x509.Certificate, ...], now: dateti
 def check_crl(crl: Crl, now: datetime, *, name: str, serial: int) -> None:
     """RFC 5280 §6.3.3: the CRL is current (``[thisUpdate, nextUpdate]``) and ``serial`` absent."""
     window = _x509.within(now, crl.this_update, crl.next_update, inclusive_end=True)
+    label = {"pck": "PCK", "root": "Intel SGX Root CA"}.get(name, name)
     if window is not Window.VALID:
         raise CollateralError(
-            f"the {name} CRL is {window.value} at {now.isoformat()}",
+            f"the {label} CRL is {window.value.replace('-', ' ')} at {now.isoformat()} "
+            f"(valid {crl.this_update.isoformat()} to {crl.next_update.isoformat()})",
             reason=f"{name}-crl-{window.value}",
         )
     if serial in crl.revoked:
         raise CollateralError(
-            f"certificate {serial:#x} is revoked by the {name} CRL", reason=f"{name}-revoked"
+            f"certificate {serial:#x} is revoked by the {label} CRL", reason=f"{name}-revoked"
         )
