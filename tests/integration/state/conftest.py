@@ -81,6 +81,7 @@ class Owner:
     key: ed25519.Ed25519PrivateKey = field(default_factory=ed25519.Ed25519PrivateKey.generate)
     hash: str | None = None
     secrets: set[str] = field(default_factory=set)
+    last: protocol.Bundle | None = None
 
     def text(self, generation: int) -> str:
         pred = f"predecessor: {self.hash}\n" if self.hash else ""
@@ -121,6 +122,7 @@ secrets:
     def activate(self, client: CasClient) -> dict[str, str]:
         provider = SimulatedProvider(simulated.SimulatedPlatform.generate(), MEASUREMENT)
         got = activation.activate_once(client, provider, "app", "app")
+        self.last = got.bundle
         env = dict(got.bundle.environment)
         self.secrets.update(env.values())
         self.secrets.add(got.tls_key_pem())
