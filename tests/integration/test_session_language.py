@@ -297,6 +297,9 @@ services:{service("svc", measurement)}
     code, stderr, seen = run_agent(cas, program, tmp_path / "d.json", f"otp/svc@{otp}", env=token)
     assert code == 0, stderr
     assert "SCONE_SERVICE_ACCESS_TOKEN" not in json.dumps(seen)
+    # A one-time password is good for one start.
+    code, stderr, _ = run_agent(cas, program, tmp_path / "e.json", f"otp/svc@{otp}", env=token)
+    assert code == 1 and "otp-replayed" in stderr
 
 
 def test_host_arguments_and_environment_are_filled_by_the_agent(

@@ -268,7 +268,7 @@ class Cas:
             lookup=governance.lookup(self.store),
             workload_key=csr_key,
         )
-        _check_second_factors(session, service.name, req, resolver, now)
+        _check_second_factors(self.store, session, service.name, req, resolver, now)
         if session.document.security.attestation.mode == "none":
             # Development only; the loader refused this without tolerate: [no-attestation].
             log.warning(
@@ -382,6 +382,7 @@ class Cas:
 
 
 def _check_second_factors(
+    store: Store,
     session: Session,
     service: str,
     req: protocol.ActivationRequest,
@@ -413,6 +414,17 @@ def _check_second_factors(
             "this service needs a current one-time password (SCONE_CONFIG_ID=session/service@OTP)",
             reason="otp-invalid",
         )
+    # One time: a password that started this service once does not start it again. The
+    # store's single-use nonces remember it for as long as it could verify.
+    import hashlib
+
+    seen = "otp:" + hashlib.sha256(f"{session.name}/{service}/{req.otp}".encode()).hexdigest()
+    try:
+        store.add_nonce(seen, now.timestamp() + 3 * secretlib.TOTP_STEP_SECONDS)
+    except Exception:  # noqa: BLE001, S110 - already there: consume_nonce below refuses it
+        pass
+    if not store.consume_nonce(seen, now.timestamp()):
+        raise AccessDenied("this one-time password was used before", reason="otp-replayed")
 
 
 def _announce(session: Session) -> None:
