@@ -273,7 +273,8 @@ class Link:
                     break
                 filled += n
                 if filled == size:
-                    self._deliver(bytes(buf))
+                    self._deliver(buf)
+                    buf = self.scratch.plain  # _deliver may have handed the old one over
                     filled = 0
                 if not self._in.pending and not self._ssl.pending():
                     # Nothing left to decrypt: the next read would only raise SSLWantReadError,
@@ -287,8 +288,7 @@ class Link:
             self._fail(exc)
             return
         if filled:
-            # A copy: transports may keep a reference to what they could not send yet.
-            self._deliver(bytes(buf[:filled]))
+            self._deliver(buf[:filled])
         self._flush()  # post-handshake messages (key updates) may want an answer
         if eof and not self._close_notify_got:
             self._close_notify_got = True
@@ -301,10 +301,23 @@ class Link:
             return
         self._maybe_finish()
 
-    def _deliver(self, data: bytes) -> None:
-        assert self.plain is not None
+    def _deliver(self, data: memoryview) -> None:
+        """Write decrypted bytes from the shared scratch buffer to the app, copying only if needed.
+
+        A transport that cannot send everything at once may keep a reference to the rest
+        (asyncio does since Python 3.12). So: behind data already queued, write a copy; into an
+        empty queue, write the view itself, and if any of it stayed queued, give the scratch
+        buffer to the transport and take a fresh one.
+        """
+        plain = self.plain
+        assert plain is not None
         self.received += len(data)
-        self.plain.write(data)
+        if plain.get_write_buffer_size():
+            plain.write(bytes(data))
+            return
+        plain.write(data)
+        if plain.get_write_buffer_size():
+            self.scratch.plain = memoryview(bytearray(DECRYPT_BATCH))
 
     def plain_eof(self) -> bool:
         self._plain_eof = True

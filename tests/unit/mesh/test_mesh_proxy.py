@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -576,14 +577,19 @@ def test_any_write_pattern_arrives_intact(pki: Pki, chunks: list[bytes]) -> None
 
 def test_a_slow_app_pushes_back_instead_of_filling_memory(pki: Pki) -> None:
     total = 48 * 1024 * 1024
+    block = bytes(range(256)) * 4096  # 1 MiB
+    sent = hashlib.sha256()
+    for i in range(total // len(block)):
+        sent.update(block[i % 7 :] + block[: i % 7])
     state: dict[str, Any] = {}
 
     async def slow_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await state["release"].wait()  # reads nothing until released
-        got = 0
+        got = hashlib.sha256()
         while data := await reader.read(1 << 20):
-            got += len(data)
-        state["got"] = got
+            got.update(data)
+            await asyncio.sleep(0)  # a slow reader: the proxy's write queue stays busy
+        state["got"] = got.hexdigest()
         writer.close()
         await writer.wait_closed()
 
@@ -599,9 +605,8 @@ def test_a_slow_app_pushes_back_instead_of_filling_memory(pki: Pki) -> None:
                 _, writer = await asyncio.open_connection("127.0.0.1", egress.egress_ports[0])
 
                 async def push() -> None:
-                    block = b"\xab" * (1 << 20)
-                    for _ in range(total // len(block)):
-                        writer.write(block)
+                    for i in range(total // len(block)):
+                        writer.write(block[i % 7 :] + block[: i % 7])  # no two alike in a row
                         await writer.drain()
                     writer.write_eof()
 
@@ -630,4 +635,4 @@ def test_a_slow_app_pushes_back_instead_of_filling_memory(pki: Pki) -> None:
             await server.wait_closed()
 
     run(scenario)
-    assert state["got"] == total
+    assert state["got"] == sent.hexdigest()  # every byte, in order, despite the queueing
