@@ -447,14 +447,14 @@ def check_pck_windows(chain: PckChain, now: datetime) -> None:
     window = _x509.cert_window(chain.leaf, now)
     if window is not Window.VALID:
         raise CollateralError(
-            f"the PCK certificate is {window.value} at {now.isoformat()}",
+            f"the PCK certificate is {window.words} at {now.isoformat()}",
             reason=f"pck-cert-{window.value}",
         )
     for name, cert in (("PCK CA", chain.ca), ("Intel SGX Root CA", chain.root)):
         window = _x509.cert_window(cert, now)
         if window is not Window.VALID:
             raise CollateralError(
-                f"the {name} certificate is {window.value} at {now.isoformat()}",
+                f"the {name} certificate is {window.words} at {now.isoformat()}",
                 reason=f"pck-chain-{window.value}",
             )
 

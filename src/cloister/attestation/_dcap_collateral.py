@@ -304,12 +304,12 @@ def check_collateral_windows(tcb: TcbInfo, qe: QeIdentity, now: datetime) -> Non
         return
     if len(failures) == 2 and failures[0][1] == failures[1][1]:
         raise CollateralError(
-            f"TCB Info and QE Identity are both {failures[0][1].value} at {now.isoformat()}",
+            f"TCB Info and QE Identity are both {failures[0][1].words} at {now.isoformat()}",
             reason=f"collateral-{failures[0][1].value}",
         )
     name, window = failures[0]
     raise CollateralError(
-        f"the {name} is {window.value} at {now.isoformat()}", reason=f"{name}-{window.value}"
+        f"the {name} is {window.words} at {now.isoformat()}", reason=f"{name}-{window.value}"
     )
 
 
@@ -319,7 +319,7 @@ def check_signing_chain_windows(chain: tuple[x509.Certificate, ...], now: dateti
         window = _x509.cert_window(cert, now)
         if window is not Window.VALID:
             raise CollateralError(
-                f"collateral signing certificate {cert.subject.rfc4514_string()} is {window.value}",
+                f"collateral signing certificate {cert.subject.rfc4514_string()} is {window.words}",
                 reason=f"tcb-signing-cert-{window.value}",
             )
 
@@ -330,7 +330,7 @@ def check_crl(crl: Crl, now: datetime, *, name: str, serial: int) -> None:
     label = {"pck": "PCK", "root": "Intel SGX Root CA"}.get(name, name)
     if window is not Window.VALID:
         raise CollateralError(
-            f"the {label} CRL is {window.value.replace('-', ' ')} at {now.isoformat()} "
+            f"the {label} CRL is {window.words} at {now.isoformat()} "
             f"(valid {crl.this_update.isoformat()} to {crl.next_update.isoformat()})",
             reason=f"{name}-crl-{window.value}",
         )

@@ -55,6 +55,11 @@ class Window(Enum):
     EXPIRED = "expired"
     NOT_YET_VALID = "not-yet-valid"
 
+    @property
+    def words(self) -> str:
+        """For messages: ``not yet valid``."""
+        return self.value.replace("-", " ")
+
 
 def require_aware(now: datetime) -> None:
     """Every window check compares with UTC instants: a naive ``now`` is a caller's bug."""

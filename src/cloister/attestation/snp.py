@@ -293,7 +293,7 @@ def _check_windows(chain: _Chain, kind: str, now: datetime) -> None:
         window = _x509.cert_window(cert, now)
         if window is not Window.VALID:
             raise CollateralError(
-                f"the {name.upper()} certificate is {window.value} at {now.isoformat()}",
+                f"the {name.upper()} certificate is {window.words} at {now.isoformat()}",
                 reason=f"{name}-{window.value}",
             )
 
