@@ -290,6 +290,9 @@ def collateral_window(not_before: datetime, not_after: datetime, now: datetime) 
     return _x509.within(now, not_before, not_after, inclusive_end=False)
 
 
+_LABELS = {"tcb-info": "TCB Info", "qe-identity": "QE Identity"}
+
+
 def check_collateral_windows(tcb: TcbInfo, qe: QeIdentity, now: datetime) -> None:
     """TCB Info and QE Identity are inside their windows (one reason names one item; two, both)."""
     failures = [
@@ -309,7 +312,8 @@ def check_collateral_windows(tcb: TcbInfo, qe: QeIdentity, now: datetime) -> Non
         )
     name, window = failures[0]
     raise CollateralError(
-        f"the {name} is {window.words} at {now.isoformat()}", reason=f"{name}-{window.value}"
+        f"the {_LABELS[name]} is {window.words} at {now.isoformat()}",
+        reason=f"{name}-{window.value}",
     )
 
 
