@@ -12,6 +12,8 @@ import base64
 import datetime
 import ipaddress
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,7 +32,9 @@ from cryptography.x509.oid import NameOID
 from k8s_cluster import Cluster
 
 from cloister import protocol
+from cloister.attestation import simulated
 from cloister.client import CasClient, pin_path
+from cloister.k8s import _launcher, _patch
 from cloister.session import Session, public_key_of, signatures
 
 pytestmark = pytest.mark.k8s
@@ -415,3 +419,97 @@ def test_opted_out_pods_and_other_namespaces_are_left_alone(
         assert got["spec"]["containers"][0]["command"] == ["/bin/true"]
     finally:
         webhook.cluster.delete_namespace(other)
+
+
+def _shell_only_root(root: Path) -> None:
+    """A root file system with /bin/sh and the libraries it links to, and nothing else."""
+    sh = Path(os.path.realpath("/bin/sh"))
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2(sh, root / "bin" / "sh")
+    ldd = subprocess.run(["ldd", str(sh)], capture_output=True, text=True, check=True).stdout
+    for line in ldd.splitlines():
+        path = next((p for p in line.split() if p.startswith("/")), None)
+        if path:
+            target = root / path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("ldd") or not shutil.which("chroot"),
+    reason="needs root, ldd and chroot to stand in for a container",
+)
+def test_a_rewritten_container_attests_and_runs_with_its_configuration(
+    cas: Any, tmp_path: Path
+) -> None:
+    """The rewrite's own command and env, run the way a kubelet would, in an image without
+    Python: the agent from the init container attests, writes the injected file into the
+    memory volume's path, and execs the original command with the session's environment."""
+    root = tmp_path / "root"
+    _shell_only_root(root)
+    _launcher.install(root / "cloister")  # what the init container does in /cloister
+    measurement = simulated.measure_files([root / "bin" / "sh"]).hex()
+    name = f"shop-{uuid.uuid4().hex[:8]}"
+    text = f"""name: {name}
+version: "0.3"
+security: {{attestation: {{tolerate: [simulation]}}}}
+services:
+  - name: app
+    image_name: app
+    environment: {{APP_SECRET: $$SCONE::secret$$}}
+    attestation: [{{tee: simulation, measurement: "{measurement}"}}]
+secrets:
+  - {{name: secret, kind: ascii, size: 16}}
+images:
+  - name: app
+    injection_files:
+      - {{path: /run/cloister/app.conf, content: "token=$$SCONE::secret$$"}}
+"""
+    key = serialization.load_pem_private_key((cas.home / "owner.key").read_bytes(), None)
+    assert isinstance(key, ed25519.Ed25519PrivateKey)
+    pem = pin_path(cas.url, cas.home).read_bytes()
+    with CasClient(cas.url, cert_pem=pem) as client:
+        sig = signatures.sign(key, "create", Session.from_yaml(text).hash)
+        client.create_session(
+            protocol.SignedSession(
+                session=text,
+                signatures=[
+                    protocol.SessionSignature(public_key=public_key_of(key), signature=sig)
+                ],
+            )
+        )
+
+    # Shell builtins only: the "image" has no cat.
+    # (read fails at a last line without newline, but still sets c.)
+    script = (
+        'echo "$APP_SECRET" > /out/env; { read -r c || true; } < /run/cloister/app.conf; '
+        'echo "$c" > /out/conf'
+    )
+    app_cmd = ["/bin/sh", "-c", script]
+    pod_doc = yaml.safe_load(
+        pod("app", "x", {"cloister.io/session": name, "cloister.io/service": "app",
+                         "cloister.io/tee": "simulation"}, command=app_cmd)
+    )  # fmt: skip
+    config = _patch.InjectConfig(cas_url=cas.url, cas_cert_pem=pem.decode(), agent_image="x")
+    plan = _patch.plan(pod_doc, "ns")
+    assert plan is not None
+    out = _patch.mutate(pod_doc, plan, config)
+    (container,) = out["spec"]["containers"]
+
+    # The kubelet's part: volumes at their mount paths, the projected certificate, the env.
+    for mount in container["volumeMounts"]:
+        (root / mount["mountPath"].lstrip("/")).mkdir(parents=True, exist_ok=True)
+    cert = out["metadata"]["annotations"]["cloister.io/cas-certificate"]
+    (root / "run" / "cloister-cas" / "cas.pem").write_text(cert)
+    (root / "out").mkdir()
+    # PATH and HOME as container runtimes set them (HOME=/ for a user without a home).
+    env = {"PATH": "/bin", "HOME": "/"} | {e["name"]: e["value"] for e in container["env"]}
+    run = subprocess.run(
+        [str(shutil.which("chroot")), str(root), *container["command"]],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    secret = (root / "out" / "env").read_text().strip()
+    assert len(secret) == 16
+    assert (root / "out" / "conf").read_text().strip() == f"token={secret}"
