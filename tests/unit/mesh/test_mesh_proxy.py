@@ -28,6 +28,8 @@ from cloister.mesh import (
     MeshLimits,
     MeshStats,
     TlsMaterial,
+    run_egress,
+    run_ingress,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -636,3 +638,31 @@ def test_a_slow_app_pushes_back_instead_of_filling_memory(pki: Pki) -> None:
 
     run(scenario)
     assert state["got"] == sent.hexdigest()  # every byte, in order, despite the queueing
+
+
+def test_run_functions_serve_until_cancelled(pki: Pki) -> None:
+    app = App()
+
+    async def scenario() -> None:
+        async with app_server(app):
+            ready: asyncio.Queue[Mesh] = asyncio.Queue()
+            stats = MeshStats()
+            ingress_task = asyncio.create_task(
+                run_ingress(server_config(pki, app.port), stats=stats, on_ready=ready.put_nowait)
+            )
+            ingress = await ready.get()
+            assert ingress.stats is stats and not ingress.egress
+            egress_task = asyncio.create_task(
+                run_egress(client_config(pki, ingress.ingress_ports[0]), on_ready=ready.put_nowait)
+            )
+            egress = await ready.get()
+            assert await exchange(egress.egress_ports[0], b"via run_*") == b"via run_*"
+            for task in (egress_task, ingress_task):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            with pytest.raises(OSError):  # the listener is gone
+                await asyncio.open_connection("127.0.0.1", egress.egress_ports[0])
+            assert sum(stats.accepted.values()) == 1
+
+    run(scenario)
