@@ -67,9 +67,9 @@ cloister.io/inject: "false"
 {{- default (printf "%s-tls" (include "cloister.webhook.fullname" .)) .Values.webhook.tls.existingSecret -}}
 {{- end -}}
 
-{{/* The CAS's in-cluster URL. */}}
+{{/* The CAS's in-cluster URL (the CAS serves only HTTPS, with its pinned certificate). */}}
 {{- define "cloister.cas.url" -}}
-{{- printf "http://%s.%s.svc:%d" (include "cloister.cas.fullname" .) .Release.Namespace (int .Values.cas.port) -}}
+{{- printf "https://%s.%s.svc:%d" (include "cloister.cas.fullname" .) .Release.Namespace (int .Values.cas.port) -}}
 {{- end -}}
 
 {{- define "cloister.usesDatabaseUrl" -}}
