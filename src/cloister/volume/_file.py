@@ -8,6 +8,7 @@ commits (``Volume.sync`` or ``Volume.close``), never merely because a file was c
 
 from __future__ import annotations
 
+import errno
 import io
 from typing import IO, Any, cast
 
@@ -129,6 +130,8 @@ def open_file(
         raise ValueError("can't have unbuffered text I/O")
     (kind,) = primary
     update = "+" in chars
+    if (kind != "r" or update) and volume.read_only:
+        raise PermissionError(errno.EROFS, "the volume is open read-only", path)
     f = volume.acquire(
         path,
         create=kind != "r",

@@ -282,3 +282,5 @@ def test_read_only_volumes_refuse_writes(tmp_path: Path) -> None:
             v.write_bytes("x", b"x")
         with pytest.raises(PermissionError):
             v.mkdir("d")
+        with pytest.raises(PermissionError):
+            v.open("x", "a")
