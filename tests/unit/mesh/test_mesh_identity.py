@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloister.mesh import PeerIdentity, ServiceIdentity
@@ -25,6 +25,7 @@ def test_namespaced_sessions_map_slashes_to_dots() -> None:
     assert ServiceIdentity.parse("api.org.shop") == ident
 
 
+@settings(max_examples=50)
 @given(service=label, session=st.lists(label, min_size=1, max_size=4))
 def test_parse_inverts_dns_name(service: str, session: list[str]) -> None:
     ident = ServiceIdentity(service, "/".join(session))
