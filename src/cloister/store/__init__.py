@@ -463,19 +463,20 @@ class Store:
         with self._write_lock:
             try:
                 for _ in range(_MAX_ATTEMPTS):
-                    with self._tx(op + "-sync", write=False) as c:
-                        self._sync(c)
-                    with self._lock:
-                        seq, prev = self._state.head_seq, self._state.head_hash
-                    batch = puts()
-                    entries = []
-                    for p in batch:
-                        seq += 1
-                        e = self._chain_keys.entry(seq, prev, p.table, p.key, p.digest)
-                        entries.append(e)
-                        prev = e.hash
                     try:
                         with self._tx(op, write=True) as c:
+                            # Follow the chain to its newest entry (other replicas' writes),
+                            # then link this batch after it.
+                            self._sync(c)
+                            with self._lock:
+                                seq, prev = self._state.head_seq, self._state.head_hash
+                            batch = puts()
+                            entries = []
+                            for p in batch:
+                                seq += 1
+                                e = self._chain_keys.entry(seq, prev, p.table, p.key, p.digest)
+                                entries.append(e)
+                                prev = e.hash
                             try:
                                 c.execute(
                                     sa.insert(changes_t),
