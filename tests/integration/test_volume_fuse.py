@@ -271,11 +271,19 @@ def test_kill_9_at_any_moment_leaves_a_committed_version(tmp_path: Path) -> None
 def test_sigterm_commits_and_unmounts(mounted: tuple[Path, Mount]) -> None:
     _, mount = mounted
     _sh("echo 'not fsynced by anyone' > late", mount.mountpoint)
-    mount.proc.send_signal(signal.SIGTERM)  # how an agent stops its mount child
-    assert mount.proc.wait(timeout=60) == 0
+    # Still open at SIGTERM: its data is only in the kernel's page cache (writeback caching).
+    held = os.open(mount.path("held-open"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(held, b"in the kernel's page cache only")
+        mount.proc.send_signal(signal.SIGTERM)  # how an agent stops its mount child
+        assert mount.proc.wait(timeout=60) == 0
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(held)
     assert not os.path.ismount(mount.mountpoint)
     with volume.open_volume(str(mount.directory), KEY, expected_root_tag=mount.tag()) as vol:
         assert vol.read_bytes("late") == b"not fsynced by anyone\n"
+        assert vol.read_bytes("held-open") == b"in the kernel's page cache only"
 
 
 def test_a_second_writer_is_refused_while_mounted(mounted: tuple[Path, Mount]) -> None:

@@ -854,7 +854,7 @@ class Volume:
 
     def _make_durable(self) -> None:
         if len(self._unsynced) > _SYNCFS_THRESHOLD:
-            _syncfs(self._data_dir)
+            syncfs(self._data_dir)
         else:
             for fid, slot in self._unsynced:
                 if fid not in self._doomed:
@@ -1031,7 +1031,7 @@ def _fsync_dir(path: str) -> None:
 _libc: ctypes.CDLL | None = None
 
 
-def _syncfs(path: str) -> None:
+def syncfs(path: str) -> None:
     """syncfs(2) on the file system holding ``path``: one flush for many files."""
     global _libc
     if _libc is None:

@@ -21,6 +21,7 @@ sequential readers get the kernel to fetch data files ahead of them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -348,17 +349,21 @@ async def _commit_periodically(volume: _volume.Volume, interval: float) -> None:
                 log.error("volume commit failed: %s", exc)
 
 
-async def _stop_on_signals() -> None:
+async def _stop_on_signals(mountpoint: str) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for _ in signals:
+            # Pages that programs wrote and the kernel still caches must reach the volume
+            # before the loop stops: syncfs(2) from a thread, while this loop serves the writes.
+            with contextlib.suppress(OSError):
+                await trio.to_thread.run_sync(_volume.syncfs, mountpoint)
             pyfuse3.terminate()
             return
 
 
-async def _serve(volume: _volume.Volume, commit_interval: float) -> None:
+async def _serve(volume: _volume.Volume, mountpoint: str, commit_interval: float) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_commit_periodically, volume, commit_interval)
-        nursery.start_soon(_stop_on_signals)
+        nursery.start_soon(_stop_on_signals, mountpoint)
         # Handlers never await, so one task serves every request; more would only churn.
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
@@ -390,7 +395,7 @@ def mount(
         options.update({"fsname=cloister", "subtype=cloister"})
         pyfuse3.init(_Operations(volume), mountpoint, options)
         try:
-            trio.run(_serve, volume, commit_interval)
+            trio.run(_serve, volume, mountpoint, commit_interval)
         finally:
             pyfuse3.close(unmount=True)
     finally:
