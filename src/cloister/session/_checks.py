@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -244,7 +245,7 @@ def volumes_are_defined(doc: SessionDocument) -> None:
                     "volumes"
                 )
         paths = sorted(v.path for v in image.volumes)
-        for outer, inner in zip(paths, paths[1:], strict=False):
+        for outer, inner in itertools.pairwise(paths):
             if inner.startswith(outer + "/"):
                 raise SessionError(
                     f"image {image.name!r}: volume path {inner} lies inside volume path {outer}"

@@ -57,13 +57,18 @@ def inspect(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     warnings: list[str] = []
     _secret_config(data, warnings)
     _security(data, warnings)
-    for i, svc in enumerate(data.get("services") or []):
+    for i, svc in enumerate(_list(data.get("services"))):
         if isinstance(svc, dict):
             _service(svc, f"services[{i}]")
-    for i, sec in enumerate(data.get("secrets") or []):
+    for i, sec in enumerate(_list(data.get("secrets"))):
         if isinstance(sec, dict):
             _secret(sec, f"secrets[{i}]")
     return data, warnings
+
+
+def _list(value: Any) -> list[Any]:
+    # Anything else is for the model to refuse with its own message.
+    return value if isinstance(value, list) else []
 
 
 def _secret_config(data: dict[str, Any], warnings: list[str]) -> None:
@@ -136,7 +141,7 @@ def _service(svc: dict[str, Any], where: str) -> None:
             "platform-based attestation through SCONE's LAS quoting enclave keys does not "
             "apply, and dropping it would accept any platform",
         )
-    for i, alt in enumerate(svc.get("attestation") or []):
+    for i, alt in enumerate(_list(svc.get("attestation"))):
         if isinstance(alt, dict) and "platforms" in alt:
             raise _refuse(
                 f"{where}.attestation[{i}].platforms",
@@ -163,7 +168,7 @@ def _secret(sec: dict[str, Any], where: str) -> None:
 
 def expand_fragments(data: dict[str, Any]) -> dict[str, Any]:
     fragments: dict[str, Any] = {}
-    for sec in data.get("secrets") or []:
+    for sec in _list(data.get("secrets")):
         if isinstance(sec, dict) and sec.get("kind") == "config-fragment":
             if "import" in sec:
                 raise SessionError(
@@ -179,12 +184,12 @@ def expand_fragments(data: dict[str, Any]) -> dict[str, Any]:
         if key in out:
             out[key] = _expand(out[key], fragments, key, 0)
     services = []
-    for i, svc in enumerate(out.get("services") or []):
+    for i, svc in enumerate(_list(out.get("services"))):
         if isinstance(svc, dict) and "attestation" in svc:
             svc = dict(svc)
             svc["attestation"] = _expand(svc["attestation"], fragments, f"services[{i}]", 0)
         services.append(svc)
-    if "services" in out:
+    if isinstance(out.get("services"), list):
         out["services"] = services
     return out
 

@@ -533,6 +533,8 @@ class Service(Model):
         if isinstance(data, dict) and data.get("mrenclaves"):
             out = dict(data)
             alts = out.get("attestation") or []
+            if not isinstance(alts, dict | list):
+                return data  # the model refuses it with its own message
             alts = [alts] if isinstance(alts, dict) else list(alts)
             mrs = out["mrenclaves"]
             alts.append({"tee": "sgx", "mrenclave": [mrs] if isinstance(mrs, str) else mrs})
