@@ -404,7 +404,12 @@ def mount(
 
 
 def umount(mountpoint: str) -> None:
-    """Commit a mounted volume (an fsync of its root), then unmount it."""
+    """Commit a mounted volume, then unmount it.
+
+    syncfs(2) first hands the mount every page the kernel still caches; the fsync of the root
+    directory then commits them.
+    """
+    _volume.syncfs(mountpoint)
     fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
