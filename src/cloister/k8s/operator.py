@@ -29,8 +29,9 @@ Rules of the relay:
   deletion would have to be signed by an owner anyway. The operator logs it and posts an
   event; it adds no finalizer, so it can never block a deletion.
 
-kopf keeps its bookkeeping in ``status.kopf`` (never in annotations), so the operator only
-needs to write the status subresource, as the chart's RBAC allows.
+kopf keeps its bookkeeping in ``status.kopf`` (never in annotations) and does not scan the
+cluster, so the operator needs no more than the chart's role: read sessions, patch their status,
+create events.
 """
 
 from __future__ import annotations
@@ -236,6 +237,10 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             field="status.kopf.last-handled-configuration"
         )
         settings.peering.standalone = True
+        # No cluster scanning: it would need list/watch on namespaces and CRDs, which the
+        # chart's least-privilege role does not grant. The CRD must exist at start (the chart
+        # installs it first); namespaces are served as named, or all of them.
+        settings.scanning.disabled = True
         settings.posting.level = logging.WARNING
 
     @kopf.on.login(registry=registry)

@@ -9,6 +9,7 @@ the operator can make the CAS take a session its owner did not sign.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from k8s_cluster import Cluster
+from k8s_cluster import CHART, Cluster
 
 from cloister import errors, protocol
 from cloister.client import CasClient, pin_path
@@ -138,10 +139,11 @@ def cas_client(cas: Any) -> Iterator[CasClient]:
         yield client
 
 
-@pytest.fixture
-def operator(crds: Cluster, namespace: str, cas: Any, tmp_path: Path) -> Iterator[OperatorProcess]:
-    log = tmp_path / "operator.log"
-    env = dict(crds.env, KUBECONFIG=crds.kubeconfig, CLOISTER_HOME=str(cas.home))
+@contextlib.contextmanager
+def running_operator(
+    kubeconfig: str, env: dict[str, str], namespace: str, cas: Any, log: Path
+) -> Iterator[OperatorProcess]:
+    env = dict(env, KUBECONFIG=kubeconfig, CLOISTER_HOME=str(cas.home))
     env.pop("CLOISTER_CAS_CERT", None)
     cmd = [sys.executable, "-m", "cloister", "k8s", "operator", "--cas", cas.url,
            "--cas-cert", str(pin_path(cas.url, cas.home)), "--namespace", namespace]  # fmt: skip
@@ -158,6 +160,14 @@ def operator(crds: Cluster, namespace: str, cas: Any, tmp_path: Path) -> Iterato
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def operator(crds: Cluster, namespace: str, cas: Any, tmp_path: Path) -> Iterator[OperatorProcess]:
+    with running_operator(
+        crds.kubeconfig, crds.env, namespace, cas, tmp_path / "operator.log"
+    ) as op:
+        yield op
 
 
 def unique(prefix: str) -> str:
@@ -351,3 +361,94 @@ def test_deleting_the_resource_leaves_the_session_in_the_cas(
     events = wait_events(crds, namespace, "SessionKept", operator)
     assert name in events[0]["message"] and "stays in the CAS" in events[0]["message"]
     assert cas_client.exists(name, "web").session_hash == digest
+
+
+def _service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> None:
+    """A kubeconfig for ``account``, with a token from the TokenRequest API."""
+    from kubernetes import client, config
+
+    api = client.CoreV1Api(config.new_client_from_config(cluster.kubeconfig))
+    try:
+        token = api.create_namespaced_service_account_token(
+            account, namespace, {"spec": {"expirationSeconds": 3600}}
+        ).status.token
+    finally:
+        api.api_client.close()
+    kubeconfig = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    for user in kubeconfig["users"]:
+        user["user"] = {"token": token}
+    path.write_text(yaml.safe_dump(kubeconfig))
+
+
+def test_the_operator_needs_no_more_than_the_charts_rbac(
+    crds: Cluster,
+    namespace: str,
+    cas: Any,
+    owner_key: ed25519.Ed25519PrivateKey,
+    cas_client: CasClient,
+    tmp_path: Path,
+) -> None:
+    """Read sessions, patch their status, create events: nothing that could change a spec."""
+    rendered = yaml.safe_load_all(
+        crds.helm("template", "rel", str(CHART), "--namespace", namespace).stdout
+    )
+    role = next(
+        d for d in rendered
+        if d and d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-operator")
+    )  # fmt: skip
+    writes = {
+        (resource, verb)
+        for rule in role["rules"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+        if verb not in ("get", "list", "watch")
+    }
+    assert writes == {
+        ("cloistersessions/status", "patch"),
+        ("cloistercas/status", "patch"),
+        ("events", "create"),
+    }
+    role_name = unique("cloister-operator-test")
+    role["metadata"] = {"name": role_name}
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": role_name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": role_name},
+        "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": namespace}],
+    }  # fmt: skip
+    crds.kubectl("create", "serviceaccount", "-n", namespace, "operator")
+    crds.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([role, binding]))
+    try:
+        kubeconfig = tmp_path / "operator.kubeconfig"
+        _service_account_kubeconfig(crds, namespace, "operator", kubeconfig)
+        denied = subprocess.run(
+            ["kubectl", "--kubeconfig", str(kubeconfig), "auth", "can-i", "update",
+             "cloistersessions.cloister.io", "-n", namespace],
+            capture_output=True, text=True, env=crds.env, timeout=60,
+        )  # fmt: skip
+        assert denied.stdout.strip() == "no"
+
+        with running_operator(
+            str(kubeconfig), crds.env, namespace, cas, tmp_path / "operator.log"
+        ) as op:
+            name = unique("shop")
+            first = document(name)
+            crds.kubectl(
+                "apply", "-n", namespace, "-f", "-",
+                input=resource("app", first, signed(first, owner_key, "create")),
+            )  # fmt: skip
+            status = wait_status(crds, namespace, "app", op)
+            assert status["accepted"] is True
+            second = document(name, predecessor=status["hash"], command="/bin/false")
+            crds.kubectl(
+                "apply", "-n", namespace, "-f", "-",
+                input=resource("app", second, signed(second, owner_key, "update")),
+            )  # fmt: skip
+            status = wait_status(crds, namespace, "app", op)
+            assert status["accepted"] is True and status["observedGeneration"] == 2
+            assert "Forbidden" not in op.log.read_text()
+        assert cas_client.exists(name, "web").session_hash == Session.from_yaml(second).hash
+    finally:
+        crds.kubectl("delete", "clusterrolebinding,clusterrole", role_name, check=False)
