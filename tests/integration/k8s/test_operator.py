@@ -452,3 +452,34 @@ def test_the_operator_needs_no_more_than_the_charts_rbac(
         assert cas_client.exists(name, "web").session_hash == Session.from_yaml(second).hash
     finally:
         crds.kubectl("delete", "clusterrolebinding,clusterrole", role_name, check=False)
+
+
+def test_an_unreachable_cas_is_retried_until_it_decides(
+    crds: Cluster,
+    namespace: str,
+    operator: OperatorProcess,
+    cas: Any,
+    owner_key: ed25519.Ed25519PrivateKey,
+) -> None:
+    cas.stop()
+    name = unique("shop")
+    text = document(name)
+    crds.kubectl(
+        "apply", "-n", namespace, "-f", "-",
+        input=resource("app", text, signed(text, owner_key, "create")),
+    )  # fmt: skip
+    status = wait_status(crds, namespace, "app", operator)
+    assert status["accepted"] is False and status["reason"] == "backend-unavailable"
+    assert status["conditions"][0]["status"] == "Unknown"
+    assert status["hash"] == Session.from_yaml(text).hash
+
+    cas.start()  # same data and identity: the pin still holds
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not status.get("accepted"):
+        operator.check_alive()
+        assert time.monotonic() < deadline, f"never accepted: {status}\n{operator.log_tail()}"
+        time.sleep(0.5)
+        status = get(crds, namespace, "app").get("status") or {}
+    assert status["conditions"][0]["reason"] == "created"
+    assert "reason" not in status
+    assert "failed temporarily" in operator.log.read_text()
