@@ -35,7 +35,7 @@ logger = logging.getLogger("cloister.mesh")
 
 READY_LINE: Final = "cloister-mesh ready"
 LISTEN_BACKLOG: Final = 512
-MAX_REFUSAL_LOGS_PER_SECOND: Final = 20  # per listener; the counters count every refusal
+MAX_REFUSAL_LOGS_PER_SECOND: Final = 20  # per listener; the counters count every event
 METRICS_REQUEST_TIMEOUT: Final = 5.0  # seconds for a scraper to send its request head
 MAX_METRICS_REQUEST_BYTES: Final = 8192
 
@@ -131,7 +131,9 @@ class Listener:
 
     def upstream_failed(self, link: Link, exc: BaseException) -> None:
         self.mesh.stats.upstream_errors[self._key] += 1
-        logger.warning("mesh %s: %s unreachable: %s", self.name, self._upstream(), exc or "?")
+        if self._may_log():
+            reason = str(exc) or type(exc).__name__
+            logger.warning("mesh %s: %s unreachable: %s", self.name, self._upstream(), reason)
 
     def refused(self, link: Link, reason: str, detail: str) -> None:
         self.mesh.stats.refused[(*self._key, reason)] += 1
@@ -148,7 +150,11 @@ class Listener:
         window = int(time.monotonic())
         if window != self._log_window:
             if self._suppressed:
-                logger.warning("mesh %s: %d more refusals not logged", self.name, self._suppressed)
+                logger.warning(
+                    "mesh %s: %d more refusals and upstream errors not logged",
+                    self.name,
+                    self._suppressed,
+                )
             self._log_window, self._logged, self._suppressed = window, 0, 0
         if self._logged >= MAX_REFUSAL_LOGS_PER_SECOND:
             self._suppressed += 1
