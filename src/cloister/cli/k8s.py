@@ -22,6 +22,13 @@ app = typer.Typer(
 )
 
 
+def _cas_url(url: str) -> str:
+    # The pinned certificate is the only trust in the CAS; plain HTTP would bypass it.
+    if not url.startswith("https://"):
+        raise usage_error(f"--cas must be an https:// URL, not {url!r}")
+    return url
+
+
 def _cas_cert(url: str, cas_cert: Path | None) -> bytes:
     path = cas_cert or pin_path(url)
     try:
@@ -68,6 +75,7 @@ def operator(
     from cloister.k8s import operator as k8s_operator
 
     _log_level()
+    cas = _cas_url(cas)
     config = k8s_operator.OperatorConfig(cas_url=cas, cas_cert_pem=_cas_cert(cas, cas_cert))
     k8s_operator.run(config, namespaces=namespace)
 
@@ -90,6 +98,7 @@ def webhook(
     from cloister.k8s import webhook as k8s_webhook
 
     _log_level()
+    cas = _cas_url(cas)
     host, port = _split_listen(listen)
     for path in (cert, key):
         if not path.is_file():

@@ -22,6 +22,14 @@ Annotations read (on the pod):
                                         agent into the pod; ``image``: the image has
                                         ``cloister`` on its PATH
 ``cloister.io/inject: "false"``         opt out (as a label or an annotation)
+``cloister.io/egress``                  ``db=5432,cache=6379``: upstreams the mesh's egress
+                                        carries (``cloister sconify`` writes it); each target
+                                        container gets ``CLOISTER_EGRESS_<NAME>=127.0.0.1:<port>``
+                                        naming the loopback port of its ``mesh.egress`` rule
+``cloister.io/mesh-ports``              ``8443,9443``: the mesh's ingress ports, declared as
+                                        container ports of the pod's main container
+``cloister.io/volumes-root``            where encrypted volumes keep their files (a PVC mount);
+                                        ``CLOISTER_VOLUMES_ROOT`` for the agent
 ======================================  =====================================================
 
 What the rewrite adds: a memory-backed ``emptyDir`` for injected files; a projected volume
@@ -60,6 +68,11 @@ ANN_AGENT: Final = "cloister.io/agent"
 ANN_INJECT: Final = "cloister.io/inject"
 ANN_INJECTED: Final = "cloister.io/injected"
 ANN_CAS_CERT: Final = "cloister.io/cas-certificate"
+ANN_EGRESS: Final = sconify.ANNOTATION_EGRESS
+ANN_MESH_PORTS: Final = "cloister.io/mesh-ports"
+ANN_VOLUMES_ROOT: Final = "cloister.io/volumes-root"
+EGRESS_ENV_PREFIX: Final = "CLOISTER_EGRESS_"
+MAX_MESH_PORTS: Final = 64
 
 DEFAULT_FILES_PATH: Final = "/run/cloister"
 AGENT_DIR: Final = "/cloister"
@@ -110,6 +123,9 @@ class Plan:
     files_path: str
     tee: str | None
     agent: str
+    egress: Mapping[str, int] = field(default_factory=dict)  # upstream → loopback port
+    mesh_ports: tuple[int, ...] = ()
+    volumes_root: str | None = None
 
     @property
     def services(self) -> list[str]:
@@ -130,7 +146,8 @@ def plan(pod: Mapping[str, Any], namespace: str | None = None) -> Plan | None:
     labels: Mapping[str, str] = meta.get("labels") or {}
     if ANN_SESSION not in annotations:
         return None
-    if "false" in (str(annotations.get(ANN_INJECT, "")).lower(), str(labels.get(ANN_INJECT, ""))):
+    opt_out = (annotations.get(ANN_INJECT, ""), labels.get(ANN_INJECT, ""))
+    if "false" in (str(v).strip().lower() for v in opt_out):
         return None
     spec = pod.get("spec") or {}
     if ANN_INJECTED in annotations or any(
@@ -156,7 +173,27 @@ def plan(pod: Mapping[str, Any], namespace: str | None = None) -> Plan | None:
     agent = annotations.get(ANN_AGENT, "inject")
     if agent not in AGENT_MODES:
         raise _refuse(f"pod {who}: {ANN_AGENT} must be one of {', '.join(AGENT_MODES)}")
-    return Plan(who, session, tuple(targets), files_path, tee, agent)
+    egress, mesh_ports, volumes_root = _mesh_and_volumes(who, annotations)
+    return Plan(
+        who, session, tuple(targets), files_path, tee, agent, egress, mesh_ports, volumes_root
+    )
+
+
+def _mesh_and_volumes(
+    who: str, annotations: Mapping[str, str]
+) -> tuple[dict[str, int], tuple[int, ...], str | None]:
+    try:
+        upstreams = sconify.parse_egress(str(annotations.get(ANN_EGRESS, "")))
+    except ValueError as exc:
+        raise _refuse(f"pod {who}: {ANN_EGRESS}: {exc}") from None
+    words = [w.strip() for w in str(annotations.get(ANN_MESH_PORTS, "")).split(",") if w.strip()]
+    if len(words) > MAX_MESH_PORTS or not all(w.isdigit() and 1 <= int(w) <= 65535 for w in words):
+        raise _refuse(f"pod {who}: {ANN_MESH_PORTS} must be a list of ports like '8443,9443'")
+    root = annotations.get(ANN_VOLUMES_ROOT)
+    if root is not None and (not root.startswith("/") or root.strip() == "/" or ".." in root):
+        raise _refuse(f"pod {who}: {ANN_VOLUMES_ROOT} must be an absolute path below /")
+    ports = tuple(dict.fromkeys(int(w) for w in words))
+    return sconify.egress_ports(upstreams), ports, root
 
 
 def _targets(who: str, spec: Mapping[str, Any], annotations: Mapping[str, str]) -> list[Target]:
@@ -279,14 +316,34 @@ def _rewrite_container(
         flags.append("--simulation")
     container["command"] = [*agent, *flags, "--", *target.argv]
     container.pop("args", None)
-    env = [e for e in container.get("env") or [] if e.get("name") not in OUR_ENV]
+    env = [
+        e
+        for e in container.get("env") or []
+        if e.get("name") not in OUR_ENV and not str(e.get("name", "")).startswith(EGRESS_ENV_PREFIX)
+    ]
     env += [
         {"name": "SCONE_CAS_ADDR", "value": config.cas_url},
         {"name": "SCONE_CONFIG_ID", "value": f"{p.session}/{target.service}"},
         {"name": "CLOISTER_CAS_CERT", "value": f"{CAS_CERT_DIR}/{CAS_CERT_FILE}"},
         {"name": "CLOISTER_HOME", "value": f"{p.files_path.rstrip('/')}/.cloister"},
     ]
+    # Pointers for the application's configuration (the session's mesh.egress listens there);
+    # the application's own configuration is not rewritten.
+    env += [
+        {"name": EGRESS_ENV_PREFIX + _env_name(host), "value": f"127.0.0.1:{port}"}
+        for host, port in sorted(p.egress.items())
+    ]
+    if p.volumes_root is not None:
+        env.append({"name": "CLOISTER_VOLUMES_ROOT", "value": p.volumes_root})
     container["env"] = env
+    if p.mesh_ports and target is _main_target(p):
+        ports = container.setdefault("ports", [])
+        declared = {port.get("containerPort") for port in ports}
+        ports.extend(
+            {"name": f"mesh-{n}", "containerPort": n, "protocol": "TCP"}
+            for n in p.mesh_ports
+            if n not in declared
+        )
     mounts = container.setdefault("volumeMounts", [])
     mounts.append({"name": VOLUME_FILES, "mountPath": p.files_path})
     mounts.append({"name": VOLUME_CAS, "mountPath": CAS_CERT_DIR, "readOnly": True})
@@ -296,6 +353,14 @@ def _rewrite_container(
         limits = container.setdefault("resources", {}).setdefault("limits", {})
         for resource, amount in config.sgx_resources.items():
             limits.setdefault(resource, amount)
+
+
+def _env_name(host: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in host.upper())
+
+
+def _main_target(p: Plan) -> Target | None:
+    return next((t for t in p.targets if not t.init), None)
 
 
 def json_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[dict[str, Any]]:

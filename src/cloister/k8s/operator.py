@@ -136,7 +136,11 @@ def relay(config: OperatorConfig, spec: Mapping[str, Any]) -> Verdict:
         )
     except ValidationError as exc:
         return Verdict(False, session.hash, "invalid-resource", f"spec is malformed: {exc}")
-    client = config.client(spec.get("cas") if isinstance(spec.get("cas"), str) else None)
+    url = spec.get("cas") if isinstance(spec.get("cas"), str) else None
+    if url is not None and not url.startswith("https://"):
+        # Plain HTTP would bypass the pinned certificate altogether.
+        return Verdict(False, session.hash, "insecure-cas-url", f"spec.cas must be https://: {url}")
+    client = config.client(url)
     creating = session.document.predecessor is None
     try:
         if creating:

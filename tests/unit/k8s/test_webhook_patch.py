@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -320,3 +321,63 @@ def test_the_installed_agent_runs_where_there_is_nothing_but_a_shell(tmp_path: P
     )
     assert out.returncode == 0, out.stderr
     assert "Attest this workload" in out.stdout
+
+
+# --- the operator's relay and the CLI's guard rails (no cluster, no CAS) ----------------------
+
+SESSION = """name: shop
+version: "0.3"
+security: {attestation: {tolerate: [simulation]}}
+services:
+  - name: web
+    attestation: [{tee: simulation, measurement: "ab"}]
+"""
+
+
+def test_the_relay_refuses_a_plain_http_cas_before_any_request() -> None:
+    from cloister.k8s import operator
+
+    config = operator.OperatorConfig(cas_url="https://cas:1", cas_cert_pem=b"unused")
+    spec = {
+        "session": SESSION.replace('"ab"', '"' + "ab" * 32 + '"'),
+        "signatures": [{"publicKey": "ed25519:x", "signature": "eA=="}],
+        "cas": "http://cas.evil:8081",
+    }
+    verdict = operator.relay(config, spec)
+    assert verdict.accepted is False and verdict.reason == "insecure-cas-url"
+    assert config._clients == {}
+
+
+def test_the_relay_reports_an_invalid_document_with_the_loaders_reason() -> None:
+    from cloister.k8s import operator
+
+    config = operator.OperatorConfig(cas_url="https://cas:1", cas_cert_pem=b"unused")
+    verdict = operator.relay(config, {"session": SESSION, "signatures": []})
+    assert verdict.accepted is False and verdict.reason == "invalid-session"
+    assert "measurement" in verdict.message and verdict.hash == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["operator", "--cas", "http://cas:8081", "--cas-cert", "/dev/null"],
+        ["webhook", "--cas", "http://cas:8081", "--cert", "c", "--key", "k"],
+    ],
+)
+def test_the_cli_refuses_a_cas_url_without_tls(args: list[str]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "cloister", "k8s", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "must be an https:// URL" in out.stderr
+
+
+def test_the_operator_cli_needs_a_readable_certificate(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "cloister", "k8s", "operator", "--cas", "https://cas:8081",
+         "--cas-cert", str(tmp_path / "missing.pem")],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "CLOISTER_HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert out.returncode == 2 and "cannot read the CAS certificate" in out.stderr
