@@ -346,6 +346,8 @@ def _parse_records(view: memoryview, block_size: int) -> tuple[dict[str, Record]
     for _ in range(count):
         kind, mode, mtime_ns, name_len = _ENTRY.unpack_from(view, pos)
         pos += _ENTRY.size
+        if pos + name_len > len(view):
+            raise ValueError("truncated entry")
         path = str(view[pos : pos + name_len], "utf-8")
         pos += name_len
         if normalize(path) != path or path in records:
@@ -358,7 +360,7 @@ def _parse_records(view: memoryview, block_size: int) -> tuple[dict[str, Record]
             pos += n
             tags = bytearray(view[pos : pos + n * TAG_BYTES])
             pos += n * TAG_BYTES
-            if len(tags) != n * TAG_BYTES or max(slots, default=0) > 1:
+            if len(slots) != n or len(tags) != n * TAG_BYTES or max(slots, default=0) > 1:
                 raise ValueError(f"bad block table for {path!r}")
             records[path] = FileRecord(fid, size, mode, mtime_ns, slots, tags)
         elif kind == KIND_DIR:
