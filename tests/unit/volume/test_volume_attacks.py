@@ -322,3 +322,34 @@ def test_names_and_contents_never_reach_the_disk(vol: tuple[Path, str]) -> None:
     for secret in (b"a.txt", b"b.txt", b"c.bin", b"a.txt:1:", b"d/c.bin:0:"):
         assert secret not in on_disk
         assert secret not in names
+
+
+# --- the parser behind the MAC ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "plaintext",
+    [
+        b"",  # nothing at all
+        bytes(32) + b"\x00\x00\x00\x01",  # one entry announced, none present
+        bytes(32) + b"\x00\x00\x00\x01" + b"\x01" + bytes(12) + b"\x00\x10" + b"short",
+        bytes(32) + b"\x00\x00\x00\x01" + b"\x02" + bytes(12) + b"\x00\x04" + b"../x",
+        bytes(32) + b"\x00\x00\x00\x01" + b"\x07" + bytes(12) + b"\x00\x01" + b"x",
+        bytes(32) + b"\x00\x00\x00\x00" + b"trailing",
+    ],
+)
+def test_a_manifest_that_authenticates_but_does_not_parse_is_refused(
+    vol: tuple[Path, str], plaintext: bytes
+) -> None:
+    """Defense in depth behind the MAC: only a bug or a stolen key could get here."""
+    directory, _ = vol
+    header = _format.peek_header((directory / _format.HEADER_NAME).read_bytes())
+    keys = _format.Keys.derive(h.KEY, header.volume_id)
+    good = (directory / _format.MANIFEST_NAME).read_bytes()
+    prefix = good[:30]
+    nonce = prefix[-_format.NONCE_BYTES :]
+    forged = prefix + keys.manifest.encrypt(nonce, plaintext, prefix + keys.volume_id)
+    (directory / _format.MANIFEST_NAME).write_bytes(forged)
+    with pytest.raises(errors.VolumeIntegrityError) as err:
+        h.read_all(directory, None)
+    assert err.value.reason == "manifest-malformed"
