@@ -10,6 +10,7 @@ TLS; a third service that the server does not allow is refused.
 from __future__ import annotations
 
 import contextlib
+import copy
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 from tests.conftest import CasProcess, free_port
 
 from cloister.attestation import simulated
-from cloister.errors import SessionError
+from cloister.errors import Error, SessionError
 from cloister.session import Session
 
 pytestmark = pytest.mark.timeout(180)
@@ -263,3 +264,93 @@ def test_mesh_sessions_are_checked_at_load_time(change: tuple[str, str], message
     with pytest.raises(SessionError) as refused:
         Session.from_yaml(BASE.replace(*change))
     assert message in refused.value.message
+
+
+# --- Kubernetes: sconify writes mesh.egress, the webhook points the app at it ---------------
+
+K8S = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  template:
+    spec:
+      containers:
+        - name: web
+          image: web:1
+          command: [/app/web]
+          env:
+            - {name: DATABASE, value: "db:5432"}
+            - {name: CACHE, value: "cache:6379"}
+            - {name: REPLICA, value: "db-replica:5432"}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db}
+spec:
+  template:
+    spec:
+      containers: [{name: db, image: postgres:16, command: [postgres]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec: {ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db-replica}
+spec: {ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cache}
+spec: {ports: [{port: 6379}]}
+"""
+
+
+def test_sconify_egress_hints_become_mesh_egress_rules_the_webhook_points_at() -> None:
+    from cloister.k8s import _patch, sconify
+
+    result = sconify.sconify(sconify.load_documents(K8S), tee="simulation", session="shop")
+    web = next(d for d in result.manifests if d["metadata"]["name"] == "web")
+    template = web["spec"]["template"]
+    hint = template["metadata"]["annotations"]["cloister.io/egress"]
+    assert hint == "cache=6379,db=5432,db-replica=5432"
+    rules = next(s for s in result.session["services"] if s["name"] == "web")["mesh"]["egress"]
+    # db-replica's own port is taken by db on loopback: it gets the first spare one.
+    assert rules == [
+        {"port": 6379, "target": "cache:6379", "service": sconify.FILL_IN},
+        {"port": 5432, "target": "db:5432", "service": "db"},
+        {"port": 15000, "target": "db-replica:5432", "service": sconify.FILL_IN},
+    ]
+    assert any("mesh.egress[cache].service" in f for f in result.fill_in)
+    assert {"name": "mesh-ca", "kind": "x509-ca", "common_name": "Mesh CA"} in result.session[
+        "secrets"
+    ]
+    # The application's own configuration is left as it was.
+    web_env = next(s for s in result.session["services"] if s["name"] == "web")["environment"]
+    assert web_env["DATABASE"] == "db:5432"
+
+    pod = {
+        "metadata": {"name": "web-1", "annotations": {
+            **template["metadata"]["annotations"], "cloister.io/mesh-ports": "8443",
+            "cloister.io/volumes-root": "/var/lib/encrypted"}},
+        "spec": template["spec"],
+    }  # fmt: skip
+    config = _patch.InjectConfig(cas_url="https://cas:8081", cas_cert_pem="PEM", agent_image="a")
+    plan = _patch.plan(pod)
+    assert plan is not None
+    out = _patch.mutate(pod, plan, config)
+    container = out["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CLOISTER_EGRESS_DB"] == "127.0.0.1:5432"
+    assert env["CLOISTER_EGRESS_CACHE"] == "127.0.0.1:6379"
+    assert env["CLOISTER_EGRESS_DB_REPLICA"] == "127.0.0.1:15000"
+    assert env["CLOISTER_VOLUMES_ROOT"] == "/var/lib/encrypted"
+    assert {"name": "mesh-8443", "containerPort": 8443, "protocol": "TCP"} in container["ports"]
+
+    bad = copy.deepcopy(pod)
+    bad["metadata"]["annotations"]["cloister.io/egress"] = "db=99999"
+    with pytest.raises(Error, match=r"cloister\.io/egress"):
+        _patch.plan(bad)

@@ -172,6 +172,8 @@ class _Context:
     session_secrets: dict[str, dict[str, Any]] = field(default_factory=dict)
     service_names: set[str] = field(default_factory=set)
     secret_names: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    # session service → upstream Services its configuration names (name → port)
+    upstreams: dict[str, dict[str, int]] = field(default_factory=dict)
     fill_in: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -249,6 +251,10 @@ def _session_document(
         # Simulation protects nothing; a session must say that it accepts it, by name.
         doc["security"] = {"attestation": {"tolerate": ["simulation"]}}
     doc["services"] = services
+    if _add_mesh(ctx, services):
+        ctx.session_secrets.setdefault(
+            MESH_CA, {"name": MESH_CA, "kind": "x509-ca", "common_name": "Mesh CA"}
+        )
     if images:
         doc["images"] = images
     if ctx.session_secrets:
@@ -374,7 +380,10 @@ def _rewrite_workload(
             images.append(image)
         if many:
             annotations[f"{ANNOTATION_SERVICE}.{container.get('name')}"] = name
-        egress.update(_egress(ctx, service, workload))
+        upstreams = _egress(ctx, service, workload)
+        if upstreams:
+            ctx.upstreams[name] = upstreams
+        egress.update(upstreams)
         _add_tee_resources(ctx, container)
     # The first regular container is the pod's main service.
     if containers:
@@ -696,3 +705,85 @@ def _egress(ctx: _Context, service: Mapping[str, Any], workload: str) -> dict[st
                 found[name] = int(m.group(1)) if m.group(1) else ports[0]
                 break
     return found
+
+
+# --- the mesh: egress rules from the hints -------------------------------------------------
+
+MESH_CA: Final = "mesh-ca"
+FIRST_SPARE_PORT: Final = 15000  # loopback ports for upstreams whose own port is taken
+MAX_EGRESS_HINTS: Final = 64
+_HINT_NAME_RE: Final = re.compile(r"^[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?$")
+
+
+def egress_ports(upstreams: Mapping[str, int]) -> dict[str, int]:
+    """The loopback port the mesh's egress listens on for each upstream (name → port).
+
+    The upstream's own port where it is free, else the next free one from 15000, in name
+    order: the webhook (from the ``cloister.io/egress`` annotation) and the session skeleton
+    (``mesh.egress``) compute the same ports without talking to each other.
+    """
+    taken: set[int] = set()
+    out: dict[str, int] = {}
+    for name in sorted(upstreams):
+        port = upstreams[name]
+        if port in taken:
+            port = FIRST_SPARE_PORT
+            while port in taken or port in upstreams.values():
+                port += 1
+        taken.add(port)
+        out[name] = port
+    return out
+
+
+def parse_egress(text: str) -> dict[str, int]:
+    """Read a ``cloister.io/egress`` annotation: ``db=5432,cache=6379``; ValueError if not."""
+    out: dict[str, int] = {}
+    items = [i.strip() for i in text.split(",") if i.strip()]
+    if len(items) > MAX_EGRESS_HINTS:
+        raise ValueError(f"more than {MAX_EGRESS_HINTS} upstreams")
+    for item in items:
+        name, eq, port = item.partition("=")
+        name = name.strip().lower()
+        if not eq or not _HINT_NAME_RE.match(name) or not port.strip().isdigit():
+            raise ValueError(f"{item!r} is not name=port")
+        number = int(port)
+        if not 1 <= number <= 65535:
+            raise ValueError(f"{item!r}: port out of range")
+        out[name] = number
+    return out
+
+
+def _add_mesh(ctx: _Context, services: list[dict[str, Any]]) -> bool:
+    """Give each service with upstream hints ``mesh.egress`` rules; True if any were added.
+
+    Ingress rules are left to the owner (a note names the callers): they need a port for
+    the mesh's TLS listener that the input does not say.
+    """
+    by_name = {s["name"]: s for s in services}
+    callers: dict[str, list[str]] = {}
+    for name, upstreams in sorted(ctx.upstreams.items()):
+        rules = []
+        for host, loopback in egress_ports(upstreams).items():
+            peer = host if host in by_name else FILL_IN
+            if peer == FILL_IN:
+                ctx.fill_in.append(
+                    f"services[{name}].mesh.egress[{host}].service: the session service behind "
+                    f"Kubernetes Service {host} (or 'service.session' in another session)"
+                )
+            else:
+                callers.setdefault(host, []).append(name)
+            rules.append({"port": loopback, "target": f"{host}:{upstreams[host]}", "service": peer})
+        by_name[name]["mesh"] = {"egress": rules}
+        ctx.notes.append(
+            f"service {name}: the mesh carries its upstreams over mutual TLS from loopback ("
+            + ", ".join(f"{h} → 127.0.0.1:{p}" for h, p in egress_ports(upstreams).items())
+            + "); point the application at these addresses (the webhook sets "
+            "CLOISTER_EGRESS_<NAME>)"
+        )
+    for host, allowed in sorted(callers.items()):
+        ctx.notes.append(
+            f"service {host}: to enforce who may call it, give it mesh.ingress (a TLS port for "
+            f"the Service's targetPort, app_port {ctx.services[host][0]} on loopback, "
+            f"allow_from: {sorted(allowed)})"
+        )
+    return bool(ctx.upstreams)

@@ -107,8 +107,10 @@ def test_secret_values_move_into_the_session_as_explicit_secrets() -> None:
         "value": "s3cr3t-db-Passw0rd",
     }
     assert by_name(secrets, "web-tls-tls.key")["value"].startswith("-----BEGIN PRIVATE KEY")
-    # One session secret per Secret key, however often it is used.
-    assert len(secrets) == len({s["name"] for s in secrets}) == 5
+    # One session secret per Secret key, however often it is used; plus the mesh's CA, since
+    # web's configuration names the db Service (a mesh.egress rule).
+    assert len(secrets) == len({s["name"] for s in secrets}) == 6
+    assert by_name(secrets, "mesh-ca")["kind"] == "x509-ca"
 
 
 def test_environment_comes_from_values_configmaps_and_secrets() -> None:
