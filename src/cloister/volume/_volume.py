@@ -786,7 +786,7 @@ class Volume:
         stride = self._stride
         need = stride * len(blocks)
         if self._writer is not None and len(blocks) >= _WRITE_BEHIND_MIN_BLOCKS:
-            buffer = bytearray(need)  # owned by the writer thread until it is written
+            buffer = self._writer.buffer(need)  # the writer thread's until it is written
         else:
             if len(self._batch) < need:
                 self._batch = bytearray(need)
@@ -811,7 +811,7 @@ class Volume:
         if rec.fid in self._pending and len(blocks) < _WRITE_BEHIND_MIN_BLOCKS:
             self._drain()  # keep writes to one file in order
         if self._writer is not None and len(blocks) >= _WRITE_BEHIND_MIN_BLOCKS:
-            self._writer.submit(fd, out[:pos], fmt.record_offset(self.block_size, first))
+            self._writer.submit(fd, buffer, pos, fmt.record_offset(self.block_size, first))
             self._pending.add(rec.fid)
         elif os.pwrite(fd, out[:pos], fmt.record_offset(self.block_size, first)) != pos:
             raise OSError(errno.EIO, "short write to a data file", f.path)
@@ -953,18 +953,28 @@ class _WriteBehind:
 
     def __init__(self, data_dir: str) -> None:
         self._data_dir = data_dir
-        self._queue: queue.Queue[tuple[int, memoryview, int] | None] = queue.Queue(
+        self._queue: queue.Queue[tuple[int, bytearray, int, int] | None] = queue.Queue(
             maxsize=_WRITE_BEHIND_DEPTH
         )
+        # Written buffers come back for reuse: a fresh megabyte costs page faults and zeroing.
+        self._free: collections.deque[bytearray] = collections.deque()
         self._spares: collections.deque[tuple[bytes, int]] = collections.deque()
         self._refilling = False
         self._error: OSError | None = None
         self._thread = threading.Thread(target=self._run, name="volume-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, fd: int, data: memoryview, offset: int) -> None:
+    def buffer(self, size: int) -> bytearray:
+        while self._free:
+            buf = self._free.pop()
+            if len(buf) >= size:
+                return buf
+        return bytearray(size)
+
+    def submit(self, fd: int, buf: bytearray, length: int, offset: int) -> None:
+        """Queue ``buf[:length]`` for ``offset`` of ``fd``; ``buf`` is the thread's from now."""
         self._check()
-        self._queue.put((fd, data, offset))
+        self._queue.put((fd, buf, length, offset))
 
     def spare_file(self) -> tuple[bytes, int] | None:
         """A fresh, empty data file (its id and descriptor), if one is ready."""
@@ -974,7 +984,7 @@ class _WriteBehind:
             spare = None
         if len(self._spares) < _SPARE_FILES // 2 and not self._refilling:
             self._refilling = True
-            self._queue.put((-1, memoryview(b""), 0))  # a refill request
+            self._queue.put((-1, bytearray(), 0, 0))  # a refill request
         return spare
 
     def drain(self) -> None:
@@ -1000,12 +1010,16 @@ class _WriteBehind:
             try:
                 if item is None:
                     return
-                fd, view, offset = item
+                fd, buf, length, offset = item
                 if fd < 0:
                     self._refill()
+                view = memoryview(buf)[:length]
                 while view and self._error is None:
                     written = os.pwrite(fd, view, offset)
                     view, offset = view[written:], offset + written
+                view.release()
+                if len(self._free) <= _WRITE_BEHIND_DEPTH:
+                    self._free.append(buf)
             except OSError as exc:
                 self._error = exc
             finally:
