@@ -294,3 +294,60 @@ def test_volume_sessions_are_checked_at_load_time(change: tuple[str, str], messa
     with pytest.raises(SessionError) as refused:
         Session.from_yaml(BASE.replace(*change))
     assert message in refused.value.message
+
+
+def _sharing_sessions(measurement: str, mountpoint: Path) -> tuple[str, str]:
+    common = f"""
+version: "0.3"
+security: {{attestation: {{tolerate: [simulation]}}}}
+services:
+  - name: app
+    image_name: img
+    attestation: [{{tee: simulation, measurement: {measurement}}}]
+images: [{{name: img, volumes: [{{name: results, path: {mountpoint}}}]}}]
+"""
+    producer = (
+        "name: producer\n" + common + "volumes: [{name: results, export: [{session: consumer}]}]\n"
+    )
+    consumer = (
+        "name: consumer\n"
+        + common
+        + "volumes: [{name: results, import: {session: producer, volume: results}}]\n"
+    )
+    return producer, consumer
+
+
+@pytest.mark.fuse
+def test_an_exported_volume_is_shared_with_one_key_and_one_tag(
+    cas: CasProcess, tmp_path: Path
+) -> None:
+    _require_fuse()
+    program = tmp_path / "prog.py"
+    program.write_text(PROGRAM)
+    m = simulated.measure_files([program]).hex()
+    mountpoint, volumes = tmp_path / "mnt" / "results", tmp_path / "volumes"
+    for name, text in zip(("producer", "consumer"), _sharing_sessions(m, mountpoint), strict=True):
+        (tmp_path / f"{name}.yaml").write_text(text)
+        cas.cli("session", "create", str(tmp_path / f"{name}.yaml"), "--cas", cas.url)
+
+    def run(session: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return cas.cli(
+            "run", "--cas", cas.url, "--session", session, "--service", "app", "--simulation",
+            "--measure", str(program), "--volumes-root", str(volumes), "--",
+            sys.executable, str(program), *args, check=False, timeout=120,
+        )  # fmt: skip
+
+    assert run("producer", "write", str(mountpoint), "made by producer").returncode == 0
+    out = tmp_path / "read.txt"
+    consumer = run("consumer", "read", str(mountpoint), str(out))
+    assert consumer.returncode == 0, consumer.stderr
+    assert out.read_text() == "made by producer\n"
+    # The consumer's commits advance the one tag the producer is held to.
+    assert run("consumer", "write", str(mountpoint), "and consumer").returncode == 0
+    old = tmp_path / "before-consumer"
+    shutil.copytree(volumes / "results", old)
+    assert run("producer", "write", str(mountpoint), "producer again").returncode == 0
+    shutil.rmtree(volumes / "results")
+    shutil.copytree(old, volumes / "results")
+    refused = run("producer", "read", str(mountpoint), str(out))
+    assert refused.returncode == 4 and "[rollback]" in refused.stderr
