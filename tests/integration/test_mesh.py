@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -137,6 +138,13 @@ def _exchange(port: int, payload: bytes) -> bytes:
             return b""
 
 
+def _wait_for_log(path: Path, text: str) -> None:
+    deadline = time.monotonic() + IO_TIMEOUT
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"{text!r} not logged: {path.read_text()}"
+        time.sleep(0.02)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -196,6 +204,10 @@ def test_plain_programs_talk_through_mesh_processes(tmp_path: Path, echo: EchoSe
         connections_before = echo.connections
         assert _exchange(int(evil.ports["egress"]), b"let me in") == b""
 
+        ingress.proc.send_signal(signal.SIGHUP)  # re-read the TLS files, keep serving
+        _wait_for_log(ingress.log, "TLS material reloaded")
+        assert _exchange(int(web.ports["egress"]), b"after reload") == b"after reload"
+
         with socket.create_connection(("127.0.0.1", metrics_port), timeout=IO_TIMEOUT) as conn:
             conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
             metrics = b""
@@ -207,8 +219,8 @@ def test_plain_programs_talk_through_mesh_processes(tmp_path: Path, echo: EchoSe
         codes = [p.stop() for p in procs]
 
     assert codes == [0] * len(procs)  # SIGTERM is a clean stop
-    assert echo.connections == connections_before == 1
-    assert bytes(echo.received) == payload
+    assert connections_before == 1 and echo.connections == 2
+    assert bytes(echo.received) == payload + b"after reload"
     log = ingress.log.read_text()
     assert "refused cloister://demo/evil" in log and "service api.demo" in log
     assert "PRIVATE KEY" not in log
