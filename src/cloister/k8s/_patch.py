@@ -304,6 +304,13 @@ def _installer(config: InjectConfig) -> dict[str, Any]:
         "image": config.agent_image,
         "command": ["cloister", "k8s", "install-agent", AGENT_DIR],
         "volumeMounts": [{"name": VOLUME_AGENT, "mountPath": AGENT_DIR}],
+        # It only copies files into its volume: nothing more is needed, so nothing more is
+        # asked (and restricted Pod Security admits it).
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+        },
     }
 
 

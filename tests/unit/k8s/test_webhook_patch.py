@@ -128,6 +128,8 @@ def test_the_container_starts_under_the_injected_agent() -> None:
     }
     (installer,) = out["spec"]["initContainers"]
     assert installer["image"] == "cloister:test"
+    assert installer["securityContext"]["allowPrivilegeEscalation"] is False
+    assert installer["securityContext"]["readOnlyRootFilesystem"] is True
     volumes = {v["name"]: v for v in out["spec"]["volumes"]}
     assert volumes["cloister-files"] == {"name": "cloister-files", "emptyDir": {"medium": "Memory"}}
     assert volumes["cloister-agent"]["emptyDir"] == {}
