@@ -483,7 +483,7 @@ def record_start(store: Store, *, simulation: bool) -> None:
         try:
             log_.record("cas-stop", head=store.head().seq, pid=os.getpid())
         except Error as exc:
-            log.warning("the stop of this CAS could not be audited: %s", exc.message)
+            log.info("the stop of this CAS could not be audited: %s", exc.message)
 
     atexit.register(stop)
     if threading.current_thread() is threading.main_thread():
