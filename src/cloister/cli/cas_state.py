@@ -87,6 +87,8 @@ def init(
 def _request(kit: dict[str, object], data_dir: Path, out: Path) -> None:
     req = recovery.request(kit, data_dir / recovery.EPHEMERAL_FILE)
     out.write_text(json.dumps(req, sort_keys=True))
+    print(f"recovery request for store key {str(kit['key_id'])[:16]}, to be sealed to "
+          f"{req['ephemeral']}")  # fmt: skip
     print(f"recovery request written to {out}; each holder runs "
           f"`cloister cas recovery-share --key THEIR_KEY {out} --out SHARE`")  # fmt: skip
 
@@ -129,7 +131,8 @@ def recovery_share(
     except (ValueError, OSError) as exc:
         raise usage_error(str(exc)) from None
     out.write_text(json.dumps(doc, sort_keys=True))
-    print(f"share {doc['x']} sealed to the recovering CAS in {out}")
+    print(f"share {doc['x']} of store key {doc['key_id'][:16]} sealed to {doc['ephemeral']} "
+          f"in {out}: hand it only to the CAS that showed you this key")  # fmt: skip
 
 
 @handle_errors
