@@ -43,7 +43,7 @@ def _signed(
     collected: Path | None = None,
 ) -> protocol.SignedSession:
     """The document with the collected signatures and, when there is an owner key, its own."""
-    sigs = _read_bundle(collected, text, session, operation).signatures if collected else []
+    sigs = _read_bundle(collected, session, operation).signatures if collected else []
     if collected is None or key is not None or _owner.key_path().exists():
         owner = _owner.load(key)
         mine = public_key_of(owner)
@@ -57,7 +57,7 @@ def _operation(session: Session) -> str:
     return "update" if session.document.predecessor else "create"
 
 
-def _read_bundle(path: Path, text: str, session: Session, operation: str) -> protocol.SignedSession:
+def _read_bundle(path: Path, session: Session, operation: str) -> protocol.SignedSession:
     try:
         raw = json.loads(path.read_text())
         bundle = protocol.SignedSession.model_validate(
@@ -73,7 +73,6 @@ def _read_bundle(path: Path, text: str, session: Session, operation: str) -> pro
         raise usage_error(f"{path} holds signatures over another version of the document")
     if raw.get("operation", operation) != operation:
         raise usage_error(f"{path} holds signatures for {raw.get('operation')}, not {operation}")
-    del text
     return bundle
 
 
@@ -112,7 +111,7 @@ def sign(
     out = output or file.with_name(file.name + ".sig.json")
     sigs: list[protocol.SessionSignature] = []
     if out.exists():
-        sigs = list(_read_bundle(out, text, session, operation).signatures)
+        sigs = list(_read_bundle(out, session, operation).signatures)
     owner = _owner.load(key)
     mine = public_key_of(owner)
     sigs = [s for s in sigs if s.public_key != mine]
