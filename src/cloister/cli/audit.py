@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import typer
 
@@ -11,6 +13,14 @@ from cloister.cas import audit, recovery
 from cloister.cli._errors import handle_errors, usage_error
 
 app = typer.Typer(help="The CAS's audit log.", no_args_is_help=True)
+
+
+def _bounded_lines(f: TextIO) -> Iterator[str]:
+    """Lines of an untrusted file, none read past the bound (a longer one is cut, and refused)."""
+    while line := f.readline(audit.MAX_LINE_BYTES + 1):
+        yield line
+        if len(line) > audit.MAX_LINE_BYTES:
+            return
 
 
 @app.command("export")
@@ -42,7 +52,7 @@ def verify(
     """Check an exported audit log: edits, deletions, reordering and truncation are refused."""
     try:
         with open(file, encoding="utf-8") as f:
-            report = audit.verify(f, public_key=public_key)
+            report = audit.verify(_bounded_lines(f), public_key=public_key)
     except (OSError, UnicodeDecodeError) as exc:
         raise usage_error(str(exc)) from None
     events = ", ".join(f"{k} {v}" for k, v in sorted(report.events.items()))
