@@ -36,7 +36,9 @@ _STATUS_ERRORS: dict[int, type[errors.Error]] = {
 
 
 def cloister_home() -> Path:
-    return Path(os.environ.get("CLOISTER_HOME", Path.home() / ".config" / "cloister"))
+    # Path.home() only when needed: a container may have neither HOME nor a passwd entry.
+    explicit = os.environ.get("CLOISTER_HOME")
+    return Path(explicit) if explicit else Path.home() / ".config" / "cloister"
 
 
 def pin_path(url: str, home: Path | None = None) -> Path:
