@@ -18,7 +18,7 @@ app = typer.Typer(help="Owner keys that sign sessions.", no_args_is_help=True)
 def create(
     key: Path | None = typer.Option(None, "--key", help="where to write the key"),
 ) -> None:
-    """Create an owner key under $CLOISTER_HOME (default ~/.config/cloister); print its public key."""
+    """Create an owner key in $CLOISTER_HOME (default ~/.config/cloister); print its public key."""
     path = key or _owner.key_path()
     if path.exists():
         raise usage_error(f"{path} exists already; an owner key is never overwritten")
