@@ -36,6 +36,10 @@ _TCB_NEEDS: dict[str, frozenset[str]] = {
     ),
     "OutOfDate": frozenset({"outdated-tcb"}),
     "OutOfDateConfigurationNeeded": frozenset({"outdated-tcb", "configuration-needed"}),
+    # TD 1.5: the TDX module was updated underneath a running TD; only a relaunch brings the
+    # TD to the new TCB, so until then it runs on an older one (Intel QVL's relaunch check).
+    "TDRelaunchAdvised": frozenset({"outdated-tcb"}),
+    "TDRelaunchAdvisedConfigurationNeeded": frozenset({"outdated-tcb", "configuration-needed"}),
 }
 
 

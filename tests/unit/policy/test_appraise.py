@@ -90,6 +90,9 @@ def test_debug_needs_debug_mode_tolerated() -> None:
         ("OutOfDate", "[]", False),
         ("OutOfDate", "[outdated-tcb]", True),
         ("Revoked", "[outdated-tcb, software-hardening-needed, configuration-needed]", False),
+        ("TDRelaunchAdvised", "[]", False),
+        ("TDRelaunchAdvised", "[outdated-tcb]", True),
+        ("TDRelaunchAdvisedConfigurationNeeded", "[outdated-tcb]", False),
         ("SomethingNew", "[outdated-tcb]", False),
     ],
 )
