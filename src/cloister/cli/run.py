@@ -1,4 +1,9 @@
-"""`cloister run`: the agent. Attest, receive the configuration, exec the unmodified program."""
+"""`cloister run`: the agent. Attest, receive the configuration, exec the unmodified program.
+
+A service with encrypted volumes or a mesh is not exec'd but supervised: the agent mounts and
+verifies the volumes, then starts the mesh, then runs the program as its child, and after the
+program ends stops the mesh and unmounts the volumes (final commits and tag reports).
+"""
 
 from __future__ import annotations
 
