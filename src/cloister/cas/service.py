@@ -77,8 +77,10 @@ class Cas:
         self.self_evidence = self_evidence
         self.events = Events()
         self.audit = audit.AuditLog(store)
-        # Parsed sessions by document digest: the activation path parses no YAML.
+        # Parsed sessions by document digest: the activation path parses no YAML; stored
+        # secret values that cannot change under the session version being activated.
         self.sessions = cache.SessionCache()
+        self.secrets = cache.SecretCache()
         self.metrics = metrics.Metrics(self)
         self.verifiers = {t: self.metrics.timed(t.value, v) for t, v in self.verifiers.items()}
 
@@ -261,7 +263,7 @@ class Cas:
             )
         # (3a) second factors the session asks for: service access token, one-time password
         resolver = secretlib.Resolver(
-            self.store,
+            self.secrets.view(self.store, record.hash, now),
             session,
             record.hash,
             now=now,
