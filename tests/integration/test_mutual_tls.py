@@ -185,3 +185,47 @@ def test_attested_services_talk_and_outsiders_are_refused_by_both(
             talk(client_context(beta, beta.trust, tmp, "beta"), server.port)
         server.join()
         assert server.peer is None
+
+
+def test_ca_rotation_keeps_peers_of_the_old_ca_trusted_during_the_overlap(
+    cas: CasProcess, identities: dict[str, Identity]
+) -> None:
+    beta_before = identities["beta"]  # activated under the first CA
+    key = serialization.load_pem_private_key((cas.home / "owner.key").read_bytes(), None)
+    assert isinstance(key, ed25519.Ed25519PrivateKey)
+    old = Session.from_yaml(SESSION)
+    # A changed CA definition rotates its key (docs/session-language.md, "CA rotation").
+    text = SESSION.replace("Mesh demo CA", "Mesh demo CA 2") + f"predecessor: {old.hash}\n"
+    new = Session.from_yaml(text)
+    signed = protocol.SignedSession(
+        session=text,
+        signatures=[
+            protocol.SessionSignature(
+                public_key=public_key_of(key), signature=signatures.sign(key, "update", new.hash)
+            )
+        ],
+    )
+    with CasClient(cas.url, cert_pem=pin_path(cas.url, cas.home).read_bytes()) as client:
+        client.update_session("mesh-demo", signed)
+        provider = SimulatedProvider(simulated.SimulatedPlatform.generate(), MEASUREMENT)
+        got = activation.activate(client, provider, "mesh-demo", "alpha")
+    env = got.bundle.environment
+    alpha_after = Identity(env["CERT"], got.tls_key_pem(), env["TRUST"])
+    # The new activation trusts both CAs during the overlap window.
+    assert alpha_after.trust.count("BEGIN CERTIFICATE") == 2
+    assert beta_before.trust.strip() in alpha_after.trust
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        # alpha (new CA) accepts beta's certificate from the old CA (the client side is given
+        # the new trust bundle here; what this step checks is alpha's acceptance) ...
+        server = OneConnection(server_context(alpha_after, tmp, "alpha"))
+        ctx = client_context(beta_before, alpha_after.trust, tmp, "beta")
+        assert talk(ctx, server.port) == b"hello beta"
+        server.join()
+        assert server.error is None and server.peer == "beta"
+        # ... while beta, activated before the rotation, knows only the old CA until it is
+        # restarted: it refuses alpha's new certificate (the documented rolling restart).
+        server = OneConnection(server_context(alpha_after, tmp, "alpha"))
+        with pytest.raises(ssl.SSLCertVerificationError):
+            talk(client_context(beta_before, beta_before.trust, tmp, "beta"), server.port)
+        server.join()
