@@ -69,7 +69,7 @@ class Mount:
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=self.log)
 
     def wait_mounted(self) -> None:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # the CLI imports a lot on a busy machine
         while not os.path.ismount(self.mountpoint):
             if self.proc.poll() is not None:
                 raise AssertionError(f"mount exited with {self.proc.returncode}: {self._log()}")
