@@ -116,7 +116,10 @@ def open_file(
     errors: str | None = None,
     newline: str | None = None,
 ) -> IO[Any]:
-    """Open ``path`` in ``volume`` with the semantics of the built-in ``open``."""
+    """Open ``path`` in ``volume`` with the semantics of the built-in ``open``.
+
+    Text defaults to UTF-8, whatever the locale: a volume moves between machines.
+    """
     chars = set(mode)
     if len(mode) != len(chars) or not chars <= _MODE_CHARS:
         raise ValueError(f"invalid mode: {mode!r}")
