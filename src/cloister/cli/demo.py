@@ -80,7 +80,7 @@ images:
           key={files}/server/server.key
           ca={files}/server/ca.crt
       - path: {files}/server/server.crt
-        content: $$SCONE::server_cert:chain$$
+        content: $$SCONE::server_cert:crt$$$$SCONE::server_cert:chain$$
       - path: {files}/server/server.key
         content: $$SCONE::server_cert:key$$
       - path: {files}/server/ca.crt
@@ -88,7 +88,7 @@ images:
   - name: client-image
     injection_files:
       - path: {files}/client/client.crt
-        content: $$SCONE::client_cert:chain$$
+        content: $$SCONE::client_cert:crt$$$$SCONE::client_cert:chain$$
       - path: {files}/client/client.key
         content: $$SCONE::client_cert:key$$
       - path: {files}/client/ca.crt
