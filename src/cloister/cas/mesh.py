@@ -15,9 +15,7 @@ from datetime import datetime, timedelta
 from typing import Final
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 
 from cloister import mesh, pki, protocol
 from cloister import secrets as secretlib
@@ -107,53 +105,16 @@ def issue(
     dns: list[str],
     now: datetime,
 ) -> x509.Certificate:
-    """A leaf for both ends of mutual TLS (serverAuth + clientAuth), named by ``who``.
-
-    Shaped like ``pki.issue`` (which has no URI SANs): critical basic constraints and key
-    usage, the issuer's key identifier, so that OpenSSL's strict X.509 checks accept it.
-    """
-    not_after = min(now + VALIDITY, ca_cert.not_valid_after_utc)
-    sans: list[x509.GeneralName] = [x509.DNSName(who.dns_name)]
-    sans += [x509.DNSName(d) for d in dns if d.lower() != who.dns_name]
-    sans.append(x509.UniformResourceIdentifier(who.uri))
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, who.dns_name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    """A leaf for both ends of mutual TLS (serverAuth + clientAuth), named by ``who``: its
+    identity as DNS and URI names, then the configured DNS names."""
+    return pki.issue(
+        ca_key=ca_key,
+        ca_cert=ca_cert,
+        public_key=public_key,
+        common_name=who.dns_name,
+        usage="server-client",
+        now=now,
+        valid_for=VALIDITY,
+        dns=[who.dns_name, *(d for d in dns if d.lower() != who.dns_name)],
+        uris=[who.uri],
     )
-    ca_public = ca_cert.public_key()
-    if isinstance(
-        ca_public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
-    ):
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_public), critical=False
-        )
-    algorithm = None if isinstance(ca_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    return builder.sign(ca_key, algorithm)

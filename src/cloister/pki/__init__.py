@@ -102,6 +102,7 @@ def issue(
     valid_for: timedelta,
     dns: Sequence[str] = (),
     ips: Sequence[str] = (),
+    uris: Sequence[str] = (),
 ) -> x509.Certificate:
     """An end-entity certificate for ``public_key``, issued by the CA, never outliving it.
 
@@ -142,8 +143,12 @@ def issue(
         builder = builder.add_extension(x509.ExtendedKeyUsage(_EKU[usage]), critical=False)
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
     sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    sans += [x509.UniformResourceIdentifier(u) for u in uris]
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    builder = builder.add_extension(
+        x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False
+    )
     return builder.sign(ca_key, _hash_for(ca_key))
 
 
