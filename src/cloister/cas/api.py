@@ -296,10 +296,11 @@ class _RequestId:
 class _StoreBound:
     """Runs the store-bound activation path in a few threads instead of anyio's forty.
 
-    Each activation is a handful of short store transactions. Forty threads per worker racing
-    for SQLite's write lock wait in its busy handler, which sleeps in steps of up to 100 ms
-    while the lock is already free again; queueing in the event loop (FIFO, no polling) and
-    letting a few threads through at a time keeps the lock busy and the latency flat.
+    Each activation is a handful of short store transactions behind one write lock; more
+    threads than the store's connection pool holds only wait inside the pool or in SQLite's
+    busy handler (which polls). Here the waiting happens in the event loop instead (FIFO,
+    holding no connection), and a worker never asks the database for more connections than
+    ``limits.STORE_THREADS_PER_WORKER``.
     """
 
     def __init__(self, threads: int) -> None:
