@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from tests.integration.load.agents import (
     TunedCas,
@@ -52,8 +53,6 @@ def unlimited(tmp_path: Path) -> Iterator[TunedCas]:
 
 
 def _is_error_body(resp: object, status: int, code: str) -> None:
-    import httpx
-
     assert isinstance(resp, httpx.Response)
     assert resp.status_code == status, resp.text
     body = protocol.ErrorBody.model_validate_json(resp.content)
