@@ -249,7 +249,7 @@ def _client_process(
             except Exception as exc:
                 ok, reason = False, getattr(exc, "reason", type(exc).__name__)
             t1 = time.time()
-            if t0 >= warmup and t1 <= end:
+            if warmup <= t1 <= end:  # completed within the measured window
                 with lock:
                     if ok:
                         latencies.append(t1 - t0)
