@@ -238,11 +238,11 @@ def test_tampering_is_refused_on_read_and_then_everything_is(
         store.create_secret("app", "new", "ascii", lambda: b"n")
 
 
+# File copies are the SQLite case; for PostgreSQL, tests/integration/state replays a pg_dump.
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_an_old_copy_of_the_database_is_refused(
     db_url: str, store: Store, key: Keyring, head: Path, tmp_path: Path
 ) -> None:
-    if not db_url.startswith("sqlite"):
-        pytest.skip("file copies are the SQLite case; tests/integration/state has pg_dump")
     _fill(store)
     store.close()
     db = Path(db_url.removeprefix("sqlite:///"))
