@@ -159,9 +159,10 @@ def create_app(
     @app.get("/v1/public/{session:path}/{secret}", response_class=PlainTextResponse)
     async def public_secret(session: str, secret: str) -> str:
         """A secret its session publishes with ``export_public: true`` (no authentication)."""
-        if len(session) > limits.MAX_NAME_LENGTH * limits.MAX_SESSION_NAME_DEPTH or len(
-            secret
-        ) > limits.MAX_NAME_LENGTH:
+        if (
+            len(session) > limits.MAX_NAME_LENGTH * limits.MAX_SESSION_NAME_DEPTH
+            or len(secret) > limits.MAX_NAME_LENGTH
+        ):
             raise errors.NotFound("no such public secret", reason="no-such-public-secret")
         return await run_in_threadpool(cas.public_secret, session, secret, clock())
 

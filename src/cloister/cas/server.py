@@ -210,9 +210,7 @@ def make_server(
     return uvicorn.Server(config)
 
 
-def serve(
-    settings: Settings, host: str, port: int, *, workers: int, options: ServeOptions
-) -> None:
+def serve(settings: Settings, host: str, port: int, *, workers: int, options: ServeOptions) -> None:
     """Serve with ``workers`` processes that share one listening socket and nothing else.
 
     Each worker builds its own ``Cas`` (store connections, caches, rate-limit buckets) from
