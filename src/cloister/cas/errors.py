@@ -29,13 +29,3 @@ def status_for(exc: errors.Error) -> int:
             return status
     return 400
 
-
-# The reverse direction, for clients: an HTTP error body back into the error class.
-_BY_STATUS: dict[int, type[errors.Error]] = {
-    400: errors.SessionError,
-    403: errors.AccessDenied,
-    404: errors.NotFound,
-    409: errors.ConflictError,
-    429: errors.RateLimited,
-    503: errors.BackendUnavailable,
-}
