@@ -1,18 +1,23 @@
 """The CAS's wire format (version 1): request and response bodies shared by CAS and clients.
 
-Pure data and the two derivations both sides must agree on: the key material that an
-activation's report data binds, and the HPKE ``info`` that binds a sealed bundle to its
-activation. Nothing here performs IO.
+Pure data and what both sides must agree on: the HPKE suite and the wire encoding of its
+public key, the key material that an activation's report data binds, and the HPKE ``info``
+that binds a sealed bundle to its activation. Nothing here performs IO.
 """
 
 from __future__ import annotations
 
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloister import limits
 
 WIRE_VERSION = 1
 HPKE_SUITE_NAME = "MLKEM768-X25519/HKDF-SHA256/AES-256-GCM"
+HPKE_SUITE = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+_MLKEM768_PUBLIC_BYTES = 1184
+_X25519_PUBLIC_BYTES = 32
 _BUNDLE_INFO = b"cloister-bundle-v1\x00"
 _READ_DOMAIN = b"cloister-session-read-v1\x00"
 
@@ -21,6 +26,21 @@ _B64_EVIDENCE = (limits.MAX_EVIDENCE_BYTES * 4) // 3 + 8
 
 class Wire(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def hpke_public_bytes(kem: mlkem.MLKEM768PublicKey, dh: x25519.X25519PublicKey) -> bytes:
+    """The wire form of a hybrid HPKE public key: the ML-KEM-768 key, then the X25519 key."""
+    return kem.public_bytes_raw() + dh.public_bytes_raw()
+
+
+def hpke_public_key(raw: bytes) -> hpke.MLKEM768X25519PublicKey:
+    """The hybrid HPKE public key in ``raw`` (``hpke_public_bytes``); ``ValueError`` if not one."""
+    if len(raw) != _MLKEM768_PUBLIC_BYTES + _X25519_PUBLIC_BYTES:
+        raise ValueError("not an ML-KEM-768 + X25519 public key")
+    return hpke.MLKEM768X25519PublicKey(
+        mlkem.MLKEM768PublicKey.from_public_bytes(raw[:_MLKEM768_PUBLIC_BYTES]),
+        x25519.X25519PublicKey.from_public_bytes(raw[_MLKEM768_PUBLIC_BYTES:]),
+    )
 
 
 def activation_key_material(hpke_public_key: bytes, csr_public_key_der: bytes) -> bytes:

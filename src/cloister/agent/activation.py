@@ -28,8 +28,6 @@ from cloister.client import CasClient
 
 log = logging.getLogger(__name__)
 
-HPKE_SUITE = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-
 
 @dataclass(frozen=True)
 class Activated:
@@ -61,7 +59,7 @@ def activate_once(
     # (2) ephemeral keys
     kem_key, dh_key = mlkem.MLKEM768PrivateKey.generate(), x25519.X25519PrivateKey.generate()
     hpke_key = hpke.MLKEM768X25519PrivateKey(kem_key, dh_key)
-    hpke_pub = kem_key.public_key().public_bytes_raw() + dh_key.public_key().public_bytes_raw()
+    hpke_pub = protocol.hpke_public_bytes(kem_key.public_key(), dh_key.public_key())
     tls_key = ec.generate_private_key(ec.SECP256R1())
     tls_spki = tls_key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -85,7 +83,7 @@ def activate_once(
     )
     # (5) unseal
     try:
-        plain = HPKE_SUITE.decrypt(
+        plain = protocol.HPKE_SUITE.decrypt(
             base64.b64decode(resp.sealed_bundle),
             hpke_key,
             info=protocol.bundle_info(bytes.fromhex(nonce)),

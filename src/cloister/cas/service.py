@@ -17,7 +17,6 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hpke, serialization
-from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
 from cloister import limits, pki, policy, protocol
 from cloister import secrets as secretlib
@@ -39,10 +38,6 @@ from cloister.session import Session, parse_public_key, template
 from cloister.store import Store
 
 log = logging.getLogger(__name__)
-
-HPKE_SUITE = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-_MLKEM768_PUBLIC_BYTES = 1184
-_X25519_PUBLIC_BYTES = 32
 
 
 def cas_measurement() -> bytes:
@@ -296,7 +291,7 @@ class Cas:
             policy.appraise(claims, service, session.document.security.attestation)
         # (7) configuration, rendered and sealed to the workload's key
         bundle = self._bundle(session, record.hash, service.name, resolver)
-        sealed = HPKE_SUITE.encrypt(
+        sealed = protocol.HPKE_SUITE.encrypt(
             bundle.model_dump_json().encode(),
             hpke_pub,
             info=protocol.bundle_info(bytes.fromhex(req.nonce)),
@@ -470,16 +465,10 @@ def _hex_bytes(text: str, what: str, size: int) -> bytes:
 
 
 def _hpke_public_key(raw: bytes) -> hpke.MLKEM768X25519PublicKey:
-    if len(raw) != _MLKEM768_PUBLIC_BYTES + _X25519_PUBLIC_BYTES:
-        raise MalformedEvidenceError(
-            "hpke_public_key must be an ML-KEM-768 + X25519 public key", reason="bad-hpke-key"
-        )
     try:
-        return hpke.MLKEM768X25519PublicKey(
-            mlkem.MLKEM768PublicKey.from_public_bytes(raw[:_MLKEM768_PUBLIC_BYTES]),
-            x25519.X25519PublicKey.from_public_bytes(raw[_MLKEM768_PUBLIC_BYTES:]),
-        )
+        return protocol.hpke_public_key(raw)
     except ValueError:
         raise MalformedEvidenceError(
-            "hpke_public_key is not a valid key", reason="bad-hpke-key"
+            "hpke_public_key must be a valid ML-KEM-768 + X25519 public key",
+            reason="bad-hpke-key",
         ) from None
