@@ -149,7 +149,7 @@ class Cas:
         current_record = self.store.current_session(name)
         if current_record is None:
             raise NotFound(f"session {name!r} does not exist", reason="no-such-session")
-        current = Session.from_yaml(current_record.document)
+        current = self.sessions.load(current_record.document)
         if session.document.predecessor != current_record.hash:
             raise ConflictError(
                 f"an update of {name!r} must name its current hash {current_record.hash} as "
@@ -183,7 +183,7 @@ class Cas:
             raise AccessDenied(
                 "the read request's signature does not verify", reason="bad-signature"
             )
-        session = Session.from_yaml(record.document)
+        session = self.sessions.load(record.document)
         governance.authorize(session, record.creator, "read", [req.public_key])
         return protocol.SessionView(
             name=name, hash=record.hash, version=record.version, session=record.document.decode()
@@ -362,7 +362,7 @@ class Cas:
         """A secret its session publishes (``export_public: true``): certificates as PEM
         (never a key), explicit ascii/binary values as text/hex. Unauthenticated."""
         record = self.store.current_session(session_name)
-        session = Session.from_yaml(record.document) if record is not None else None
+        session = self.sessions.load(record.document) if record is not None else None
         secret = session.secret(secret_name) if session is not None else None
         if session is None or record is None or secret is None or not secret.export_public:
             # One answer for "no such session", "no such secret" and "not public": no oracle.
