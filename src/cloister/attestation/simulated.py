@@ -36,6 +36,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from cloister._files import write_private
 from cloister.attestation._claims import Claims, Tee
 from cloister.errors import CollateralError, MalformedEvidenceError, SignatureError
 
@@ -91,16 +92,12 @@ class SimulatedPlatform:
         if path.exists():
             return cls(ed25519.Ed25519PrivateKey.from_private_bytes(path.read_bytes()))
         platform = cls.generate()
-        path.parent.mkdir(parents=True, exist_ok=True)
         raw = platform.key.private_bytes(
             serialization.Encoding.Raw,
             serialization.PrivateFormat.Raw,
             serialization.NoEncryption(),
         )
-        tmp = path.with_suffix(".tmp")
-        tmp.touch(mode=0o600)
-        tmp.write_bytes(raw)
-        tmp.replace(path)
+        write_private(path, raw)
         return platform
 
     @property

@@ -20,6 +20,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cloister import limits
+from cloister._files import write_private
 from cloister.attestation import Tee, Verifier, simulated
 from cloister.cas import api, ratelimit, recovery
 from cloister.cas.identity import Identity, SimulatedSelf
@@ -116,9 +117,7 @@ def tls_context(identity: Identity) -> ssl.SSLContext:
     with tempfile.TemporaryDirectory(dir=shm) as tmp:
         cert, key = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
         cert.write_bytes(identity.cert_pem())
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with open(fd, "wb") as f:
-            f.write(identity.key_pem())
+        write_private(key, identity.key_pem(), exclusive=True)
         ctx.load_cert_chain(cert, key)
     return ctx
 

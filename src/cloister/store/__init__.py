@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,6 +37,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
+from cloister._files import write_private
 from cloister.errors import BackendUnavailable, ConflictError, NotFound, RollbackError
 from cloister.store import _audit, _chain
 from cloister.store._chain import ChainKeys, ChainState, Entry, Head, HeadFile, tampered
@@ -97,14 +97,7 @@ class AuditRecord:
 
 def write_key(path: Path, key: bytes) -> None:
     """Write a store key file (mode 0600) atomically, fsynced."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "wb") as f:
-        f.write(key)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_private(path, key)
 
 
 def load_or_create_key(path: Path) -> bytes:
