@@ -28,4 +28,3 @@ def status_for(exc: errors.Error) -> int:
         if isinstance(exc, cls):
             return status
     return 400
-
