@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import http.client
 import logging
 import multiprocessing as mp
 import os
@@ -44,11 +45,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from cloister import protocol
 from cloister.agent import activation
 from cloister.agent.evidence import SimulatedProvider
 from cloister.attestation import simulated
-from cloister.client import CasClient
+from cloister.client import CasClient, pinned_context
 
 MEASUREMENT = hashlib.sha256(b"benchmark workload v1").digest()  # any 32 bytes will do
 
@@ -224,30 +227,119 @@ class ClientResult:
     cpu_seconds: float
 
 
+class LeanTransport:
+    """The load generator's HTTP: the stdlib's ``http.client`` over the pinned TLS context.
+
+    A load generator should leave the cores to the server it measures (as wrk does); httpx,
+    which the agent itself uses, costs the client several times more CPU per request. Every
+    step of the protocol is still done: nonce, own keys, evidence, CSR, activation, unseal.
+    """
+
+    def __init__(self, url: str, cert_pem: bytes, timeout: float) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 443
+        self.context = pinned_context(cert_pem)
+        self.timeout = timeout
+
+    def activate(self, provider: SimulatedProvider) -> None:
+        conn = http.client.HTTPSConnection(
+            self.host, self.port, context=self.context, timeout=self.timeout
+        )
+        try:
+            nonce = protocol.NonceResponse.model_validate_json(self._post(conn, "/v1/nonces", b""))
+            attempt = activation.prepare(nonce.nonce, provider, "bench", "app")
+            body = attempt.request.model_dump_json().encode()
+            resp = protocol.ActivationResponse.model_validate_json(
+                self._post(conn, "/v1/activate", body)
+            )
+            attempt.open(resp)
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _post(conn: http.client.HTTPSConnection, path: str, body: bytes) -> bytes:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            try:
+                reason = protocol.ErrorBody.model_validate_json(data).error
+            except ValueError:
+                reason = f"http-{resp.status}"
+            raise RuntimeError(reason)
+        return data
+
+
+class AgentTransport:
+    """The agent's own client (``CasClient``, httpx), one per activation as in a new pod."""
+
+    def __init__(self, url: str, cert_pem: bytes, timeout: float) -> None:
+        self.url, self.cert_pem, self.timeout = url, cert_pem, timeout
+
+    def activate(self, provider: SimulatedProvider) -> None:
+        with CasClient(self.url, cert_pem=self.cert_pem, timeout=self.timeout) as client:
+            activation.activate_once(client, provider, "bench", "app")
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the client processes do: ``rate`` 0 is a closed loop (every agent activates again
+    as soon as it is done); otherwise activations are due at a constant ``rate`` per second in
+    all, taken by whichever agent is free, and latency counts from when one was due, so that
+    a CAS that falls behind is charged for the wait (no coordinated omission)."""
+
+    rate: float
+    agent_client: bool
+
+
 def _client_process(
-    url: str, cert_pem: bytes, agents: int, start: float, warmup: float, end: float, out: mp.Queue
+    url: str,
+    cert_pem: bytes,
+    agents: int,
+    load: Load,
+    share: tuple[int, int],
+    window: tuple[float, float, float],
+    out: mp.Queue,
 ) -> None:
-    """One client process: ``agents`` threads, each activating again and again until ``end``."""
+    """One client process: ``agents`` threads activating until the window's end."""
     # Simulation warns on every evidence; one client process would print thousands.
     logging.getLogger("cloister").setLevel(logging.ERROR)
+    start, warmup, end = window
     provider = SimulatedProvider(simulated.SimulatedPlatform.generate(), MEASUREMENT)
+    transport_type = AgentTransport if load.agent_client else LeanTransport
+    transport = transport_type(url, cert_pem, 60.0)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     lock = threading.Lock()
+    # Open loop: this process takes every ``procs``-th slot of the schedule, from ``index``.
+    index, procs = share
+    interval = procs / load.rate if load.rate > 0 else 0.0
+    next_slot = [0]
+
+    def due() -> float:
+        if load.rate <= 0:
+            return time.time()
+        with lock:
+            i = next_slot[0]
+            next_slot[0] += 1
+        t = start + (i + index / procs) * interval
+        delay = t - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        return t
 
     def agent() -> None:
         while time.time() < start:
             time.sleep(min(0.01, max(0.0, start - time.time())))
         while True:
-            t0 = time.time()
+            t0 = due()
             if t0 >= end:
                 return
             try:
-                with CasClient(url, cert_pem=cert_pem, timeout=60) as client:
-                    activation.activate_once(client, provider, "bench", "app")
+                transport.activate(provider)
                 ok, reason = True, ""
             except Exception as exc:
-                ok, reason = False, getattr(exc, "reason", type(exc).__name__)
+                ok, reason = False, getattr(exc, "reason", None) or str(exc) or type(exc).__name__
             t1 = time.time()
             if warmup <= t1 <= end:  # completed within the measured window
                 with lock:
@@ -268,6 +360,7 @@ def _client_process(
 @dataclass
 class Row:
     backend: str
+    load: str
     agents: int
     rate: float
     p50: float
@@ -281,7 +374,7 @@ class Row:
 
 
 def run_load(
-    cas: Cas, backend: str, agents: int, clients: int, seconds: float, warmup: float
+    cas: Cas, backend: str, agents: int, clients: int, seconds: float, warmup: float, load: Load
 ) -> Row:
     cert_pem = (cas.home / "cas").glob("*.pem").__next__().read_bytes()
     procs_n = max(1, min(clients, agents))
@@ -291,11 +384,13 @@ def run_load(
     start = time.time() + 1.5  # time for the client processes to start and import
     warm_end = start + warmup
     end = warm_end + seconds
+    window = (start, warm_end, end)
     procs = [
         ctx.Process(
-            target=_client_process, args=(cas.url, cert_pem, n, start, warm_end, end, queue)
+            target=_client_process,
+            args=(cas.url, cert_pem, n, load, (i, procs_n), window, queue),
         )
-        for n in shares
+        for i, n in enumerate(shares)
     ]
     for p in procs:
         p.start()
@@ -326,6 +421,7 @@ def run_load(
     client_done = max(1, done * client_window / seconds)
     return Row(
         backend=backend,
+        load=f"{load.rate:.0f}/s" if load.rate > 0 else "closed",
         agents=agents,
         rate=done / seconds,
         p50=pct(0.50),
@@ -356,13 +452,13 @@ def print_table(rows: list[Row], workers: int, clients: int) -> None:
     print(f"CAS: {workers} worker process(es); agents in up to {clients} client processes; "
           f"{os.cpu_count()} cores shared by both.")  # fmt: skip
     header = (
-        "| backend | agents | activations/s | p50 ms | p95 ms | p99 ms | errors "
+        "| backend | load | agents | activations/s | p50 ms | p95 ms | p99 ms | errors "
         "| CAS cores busy | CAS CPU ms/act | CAS peak RSS MB | client CPU ms/act |"
     )
     print(header)
-    print("|---" * 11 + "|")
+    print("|---" * 12 + "|")
     for r in rows:
-        print(f"| {r.backend} | {r.agents} | {r.rate:.0f} | {r.p50:.1f} | {r.p95:.1f} "
+        print(f"| {r.backend} | {r.load} | {r.agents} | {r.rate:.0f} | {r.p50:.1f} | {r.p95:.1f} "
               f"| {r.p99:.1f} | {r.errors} | {r.cas_cores:.2f} | {r.cas_ms:.2f} "
               f"| {r.cas_rss_mb:.0f} | {r.client_ms:.2f} |")  # fmt: skip
 
@@ -376,8 +472,19 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="client processes at most")
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument(
+        "--rate",
+        default="0",
+        help="offered activations/s, comma-separated; 0 is a closed loop (the default)",
+    )
+    parser.add_argument(
+        "--agent-client",
+        action="store_true",
+        help="agents use the agent's own httpx client instead of the lean load generator",
+    )
     args = parser.parse_args()
     counts = [int(x) for x in args.agents.split(",")]
+    loads = [Load(float(r), args.agent_client) for r in args.rate.split(",")]
     rows: list[Row] = []
     for backend in args.backends.split(","):
         with tempfile.TemporaryDirectory(prefix=f"cloister-bench-{backend}-") as d:
@@ -392,18 +499,22 @@ def main() -> None:
                     db = stack.enter_context(postgres_cluster(tmp / "pg"))
                 cas = start_cas(tmp, args.workers, db)
                 stack.callback(stop_cas, cas)
-                for n in counts:
-                    spy = None
-                    if args.profile is not None and n == max(counts):
-                        args.profile.mkdir(parents=True, exist_ok=True)
-                        name = f"cas-{backend}-{n}.folded.txt"
-                        spy = profile(cas, args.profile / name, args.warmup + args.seconds + 1.5)
-                    row = run_load(cas, backend, n, args.clients, args.seconds, args.warmup)
-                    if spy is not None:
-                        spy.wait(timeout=60)
-                    rows.append(row)
-                    print(f"{backend} N={n}: {row.rate:.0f}/s p99 {row.p99:.1f} ms "
-                          f"errors {row.errors}", file=sys.stderr)  # fmt: skip
+                for load in loads:
+                    for n in counts:
+                        spy = None
+                        if args.profile is not None and n == max(counts):
+                            args.profile.mkdir(parents=True, exist_ok=True)
+                            name = f"cas-{backend}-{n}-{load.rate:.0f}.folded.txt"
+                            seconds = args.warmup + args.seconds + 1.5
+                            spy = profile(cas, args.profile / name, seconds)
+                        row = run_load(
+                            cas, backend, n, args.clients, args.seconds, args.warmup, load
+                        )
+                        if spy is not None:
+                            spy.wait(timeout=60)
+                        rows.append(row)
+                        print(f"{backend} {row.load} N={n}: {row.rate:.0f}/s p99 {row.p99:.1f} "
+                              f"ms errors {row.errors}", file=sys.stderr)  # fmt: skip
     print_table(rows, args.workers, args.clients)
     fingerprint = hashlib.sha256(repr(rows).encode()).hexdigest()[:8]
     print(f"\n(run {fingerprint}; python benchmarks/activation.py {' '.join(sys.argv[1:])})")

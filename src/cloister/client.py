@@ -9,6 +9,7 @@ refusals come back as the ``Error`` subclass of their HTTP status, with the CAS'
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import ssl
@@ -57,6 +58,13 @@ def pinned_context(cert_pem: bytes) -> ssl.SSLContext:
     return ctx
 
 
+@functools.lru_cache(maxsize=16)
+def _shared_context(cert_pem: bytes) -> ssl.SSLContext:
+    """One context per pinned certificate for every client of this process (none changes it
+    after this): loading the pin costs more than a TLS handshake's share of the client."""
+    return pinned_context(cert_pem)
+
+
 def fingerprint(cert_pem: bytes) -> str:
     der = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
     return hashlib.sha256(der).hexdigest()
@@ -75,7 +83,7 @@ class CasClient:
                 )
             cert_pem = path.read_bytes()
         self._http = httpx.Client(
-            base_url=self.url, verify=pinned_context(cert_pem), timeout=timeout
+            base_url=self.url, verify=_shared_context(cert_pem), timeout=timeout
         )
 
     def close(self) -> None:

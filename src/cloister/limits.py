@@ -24,7 +24,6 @@ MAX_CSR_BYTES: Final = 16 * 1024
 
 NONCE_BYTES: Final = 32
 NONCE_TTL_SECONDS: Final = 120.0  # a nonce not used within this time is refused
-MAX_OUTSTANDING_NONCES: Final = 100_000  # a CAS refuses to hand out more than this at once
 
 # The CAS's HTTP server: what a slow or greedy client may hold (see cas/server.py, cas/api.py).
 HTTP_HEADER_TIMEOUT_SECONDS: Final = 10.0  # from the first byte of a request to its last header

@@ -134,17 +134,37 @@ def test_a_nonce_expires(in_process, tmp_path: Path) -> None:  # type: ignore[no
     assert expired.value.reason == "nonce-invalid"
 
 
-def test_outstanding_nonces_are_bounded(in_process, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(limits, "MAX_OUTSTANDING_NONCES", 5)
+def test_issuing_nonces_stores_nothing(in_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A client that asks for nonces and never uses them costs the CAS no storage."""
     now = datetime.now(UTC)
-    for _ in range(5):
-        in_process.new_nonce(now)
-    with pytest.raises(errors.Error) as exhausted:
-        in_process.new_nonce(now)
-    assert exhausted.value.reason == "nonce-exhausted"
-    # Expired nonces make room again.
-    later = now + timedelta(seconds=limits.NONCE_TTL_SECONDS + 1)
-    assert in_process.new_nonce(later).nonce
+    issued = [in_process.new_nonce(now).nonce for _ in range(1000)]
+    assert len(set(issued)) == 1000
+    assert in_process.store.count_claimed_nonces() == 0
+    # A used nonce is remembered, refused or accepted: here refused (no such session).
+    with pytest.raises(errors.NotFound):
+        in_process.activate(activation_request(issued[0]).request, now)
+    assert in_process.store.count_claimed_nonces() == 1
+    with pytest.raises(errors.BindingError) as replay:
+        in_process.activate(activation_request(issued[0]).request, now)
+    assert replay.value.reason == "nonce-invalid"
+
+
+def test_a_nonce_is_single_use_across_workers(tmp_path: Path) -> None:
+    """Two CAS processes on one data directory: a nonce one issued is used once, on either."""
+    settings = server.Settings(data_dir=tmp_path / "cas", simulation=True)
+    first = server.build(settings)
+    second = server.build(settings)
+    try:
+        now = datetime.now(UTC)
+        nonce = first.new_nonce(now).nonce
+        with pytest.raises(errors.NotFound):  # used (no such session), on the other worker
+            second.activate(activation_request(nonce).request, now)
+        with pytest.raises(errors.BindingError) as replay:
+            first.activate(activation_request(nonce).request, now)
+        assert replay.value.reason == "nonce-invalid"
+    finally:
+        first.store.close()
+        second.store.close()
 
 
 # --- rate limits -----------------------------------------------------------------------------

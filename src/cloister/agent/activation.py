@@ -51,12 +51,32 @@ def _csr(key: ec.EllipticCurvePrivateKey, service: str) -> bytes:
     )
 
 
-def activate_once(
-    client: CasClient, provider: EvidenceProvider, session: str, service: str
-) -> Activated:
-    # (1) nonce
-    nonce = client.nonce().nonce
-    # (2) ephemeral keys
+@dataclass(frozen=True)
+class Attempt:
+    """One activation's request and the ephemeral keys that open its answer."""
+
+    request: protocol.ActivationRequest
+    hpke_key: hpke.MLKEM768X25519PrivateKey
+    tls_key: ec.EllipticCurvePrivateKey
+
+    def open(self, resp: protocol.ActivationResponse) -> Activated:
+        """(5) unseal the bundle: only this attempt's key opens it, bound to its nonce."""
+        try:
+            plain = protocol.HPKE_SUITE.decrypt(
+                base64.b64decode(resp.sealed_bundle),
+                self.hpke_key,
+                info=protocol.bundle_info(bytes.fromhex(self.request.nonce)),
+            )
+        except Exception:  # noqa: BLE001 - any failure to open means the bundle is not for us
+            raise errors.BindingError(
+                "the CAS's bundle does not open with this activation's key",
+                reason="bundle-unsealable",
+            ) from None
+        return Activated(protocol.Bundle.model_validate_json(plain), self.tls_key)
+
+
+def prepare(nonce: str, provider: EvidenceProvider, session: str, service: str) -> Attempt:
+    """(2) ephemeral keys; (3) evidence bound to ``nonce`` and both keys; the request."""
     kem_key, dh_key = mlkem.MLKEM768PrivateKey.generate(), x25519.X25519PrivateKey.generate()
     hpke_key = hpke.MLKEM768X25519PrivateKey(kem_key, dh_key)
     hpke_pub = protocol.hpke_public_bytes(kem_key.public_key(), dh_key.public_key())
@@ -64,35 +84,28 @@ def activate_once(
     tls_spki = tls_key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    # (3) evidence bound to the nonce and both keys
     report_data = binding.report_data_for(
         bytes.fromhex(nonce), protocol.activation_key_material(hpke_pub, tls_spki)
     )
     evidence = provider.evidence(report_data)
-    # (4) activation
-    resp = client.activate(
-        protocol.ActivationRequest(
-            tee=provider.tee.value,
-            evidence=base64.b64encode(evidence).decode(),
-            nonce=nonce,
-            hpke_public_key=base64.b64encode(hpke_pub).decode(),
-            csr=_csr(tls_key, service).decode(),
-            session=session,
-            service=service,
-        )
+    request = protocol.ActivationRequest(
+        tee=provider.tee.value,
+        evidence=base64.b64encode(evidence).decode(),
+        nonce=nonce,
+        hpke_public_key=base64.b64encode(hpke_pub).decode(),
+        csr=_csr(tls_key, service).decode(),
+        session=session,
+        service=service,
     )
-    # (5) unseal
-    try:
-        plain = protocol.HPKE_SUITE.decrypt(
-            base64.b64decode(resp.sealed_bundle),
-            hpke_key,
-            info=protocol.bundle_info(bytes.fromhex(nonce)),
-        )
-    except Exception:  # noqa: BLE001 - any failure to open means the bundle is not for us
-        raise errors.BindingError(
-            "the CAS's bundle does not open with this activation's key", reason="bundle-unsealable"
-        ) from None
-    return Activated(protocol.Bundle.model_validate_json(plain), tls_key)
+    return Attempt(request, hpke_key, tls_key)
+
+
+def activate_once(
+    client: CasClient, provider: EvidenceProvider, session: str, service: str
+) -> Activated:
+    """(1) a nonce, (2)–(3) ``prepare``, (4) the activation request, (5) ``Attempt.open``."""
+    attempt = prepare(client.nonce().nonce, provider, session, service)
+    return attempt.open(client.activate(attempt.request))
 
 
 def activate(

@@ -27,8 +27,9 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from cloister.cas.nonces import Nonce
 from cloister.errors import Error, StoreError
-from cloister.store import AuditRecord, Store
+from cloister.store import AuditRecord, Claim, Store
 from cloister.store._audit import GENESIS_HEX, canonical, entry_hash
 
 FORMAT = "cloister-audit-v1"
@@ -48,15 +49,31 @@ class AuditLog:
         self.clock = clock
 
     def record(self, event: str, **fields: Any) -> AuditRecord:
-        for name in fields:
-            if name in _RESERVED:
-                raise ValueError(f"audit field {name!r} is the log's own")
-            if any(bad in name for bad in _FORBIDDEN_FIELDS):
-                raise ValueError(f"audit field {name!r} could carry a secret value")
-        clean = {k: v for k, v in fields.items() if v is not None}
-        if isinstance(clean.get("message"), str):
-            clean["message"] = clean["message"][:_MAX_MESSAGE]
-        return self.store.append_audit({"event": event, **clean}, now=self.clock())
+        return self.store.append_audit(_entry(event, fields), now=self.clock())
+
+    def record_claiming(
+        self, event: str, nonce: Nonce, *, instead: Mapping[str, Any], **fields: Any
+    ) -> tuple[AuditRecord, bool]:
+        """Record ``event`` and ``nonce``'s single use in one transaction.
+
+        Returns the entry and whether the nonce was new; if it was used before, the entry
+        written carries the fields of ``instead`` (a refusal) in place of ``fields``.
+        """
+        subject = {k: v for k, v in fields.items() if k not in instead}
+        claim = Claim(nonce.hex, nonce.expires_at, _entry(event, {**subject, **instead}))
+        return self.store.append_audit_claiming(_entry(event, fields), claim, now=self.clock())
+
+
+def _entry(event: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    for name in fields:
+        if name in _RESERVED:
+            raise ValueError(f"audit field {name!r} is the log's own")
+        if any(bad in name for bad in _FORBIDDEN_FIELDS):
+            raise ValueError(f"audit field {name!r} could carry a secret value")
+    clean = {k: v for k, v in fields.items() if v is not None}
+    if isinstance(clean.get("message"), str):
+        clean["message"] = clean["message"][:_MAX_MESSAGE]
+    return {"event": event, **clean}
 
 
 class _Audited(Protocol):

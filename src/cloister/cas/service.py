@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import secrets as _random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,13 +20,12 @@ from cryptography.hazmat.primitives import hpke, serialization
 from cloister import limits, pki, policy, protocol
 from cloister import secrets as secretlib
 from cloister.attestation import Tee, Verifier, binding, simulated
-from cloister.cas import audit, cache, governance, metrics
+from cloister.cas import audit, cache, governance, metrics, nonces
 from cloister.cas import mesh as meshlib
 from cloister.cas import volumes as volumelib
 from cloister.cas.identity import Identity, SimulatedSelf
 from cloister.errors import (
     AccessDenied,
-    BindingError,
     ConflictError,
     Error,
     MalformedEvidenceError,
@@ -72,6 +70,7 @@ class Cas:
         self.self_evidence = self_evidence
         self.events = Events()
         self.audit = audit.AuditLog(store)
+        self.nonces = nonces.NonceKeys.load(store.get_or_create_meta)
         # Parsed sessions by document digest: the activation path parses no YAML; stored
         # secret values that cannot change under the session version being activated.
         self.sessions = cache.SessionCache()
@@ -100,21 +99,15 @@ class Cas:
     # --- nonces ----------------------------------------------------------------------------
 
     def new_nonce(self, now: datetime) -> protocol.NonceResponse:
-        t = now.timestamp()
-        if self.store.count_live_nonces(t) >= limits.MAX_OUTSTANDING_NONCES:
-            self.store.purge_nonces(t)
-            if self.store.count_live_nonces(t) >= limits.MAX_OUTSTANDING_NONCES:
-                raise ConflictError("too many outstanding nonces", reason="nonce-exhausted")
-        nonce = _random.token_hex(limits.NONCE_BYTES)
-        expires = t + limits.NONCE_TTL_SECONDS
-        self.store.add_nonce(nonce, expires)
-        return protocol.NonceResponse(nonce=nonce, expires_at=expires)
+        """A fresh nonce. Writes nothing: the store records a nonce only when it is used."""
+        nonce = self.nonces.issue(now.timestamp())
+        return protocol.NonceResponse(nonce=nonce.hex, expires_at=nonce.expires_at)
 
-    def _consume_nonce(self, nonce: str, now: datetime) -> None:
-        if not self.store.consume_nonce(nonce, now.timestamp()):
-            raise BindingError(
-                "the nonce is unknown, expired or used before", reason="nonce-invalid"
-            )
+    def _consume_nonce(self, nonce_hex: str, now: datetime) -> None:
+        """Check ``nonce_hex`` and record its single use now (in a transaction of its own)."""
+        nonce = self.nonces.check(nonce_hex, now.timestamp())
+        if not self.store.claim_nonce(nonce.hex, nonce.expires_at):
+            raise nonces.replayed()
 
     # --- sessions --------------------------------------------------------------------------
 
@@ -199,33 +192,74 @@ class Cas:
 
     # --- activation ------------------------------------------------------------------------
 
-    @audit.audited("activation", audit.on_activate)
     def activate(
         self, req: protocol.ActivationRequest, now: datetime
     ) -> protocol.ActivationResponse:
+        """Steps (1)–(7) below; then (8): the nonce's single use and the audit entry are
+        recorded in one transaction, and the bundle leaves only once both are durable."""
+        subject = audit.on_activate(req, now, result=None)
+        nonce: nonces.Nonce | None = None
         try:
+            nonce = self._admit(req, now)
             response = self._activate(req, now)
         except Error as exc:
-            self.events.refused(exc.reason)
-            log.warning(
-                "activation of %s/%s refused: %s [%s]",
-                req.session,
-                req.service,
-                exc.message,
-                exc.reason,
-            )
-            raise
+            raise self._refuse(req, exc, subject, nonce) from None
+        replay = nonces.replayed()
+        _, fresh = self.audit.record_claiming(
+            "activation", nonce, instead=_refusal(replay), outcome="accepted", **subject
+        )
+        if not fresh:
+            self._count_refusal(req, replay)
+            raise replay
         self.events.activations["accepted"] = self.events.activations.get("accepted", 0) + 1
         return response
 
-    def _activate(
-        self, req: protocol.ActivationRequest, now: datetime
-    ) -> protocol.ActivationResponse:
-        # (1) well-formed request, known wire version and TEE
+    def _refuse(
+        self,
+        req: protocol.ActivationRequest,
+        exc: Error,
+        subject: Mapping[str, object],
+        nonce: nonces.Nonce | None,
+    ) -> Error:
+        """Audit a refusal and return what to raise. A genuine nonce counts as used by it; if
+        it was used before, that is the refusal (whatever else was wrong)."""
+        if nonce is None:
+            self.audit.record("activation", **_refusal(exc), **subject)
+        else:
+            replay = nonces.replayed()
+            _, fresh = self.audit.record_claiming(
+                "activation", nonce, instead=_refusal(replay), **_refusal(exc), **subject
+            )
+            if not fresh:
+                exc = replay
+        self._count_refusal(req, exc)
+        return exc
+
+    def _count_refusal(self, req: protocol.ActivationRequest, exc: Error) -> None:
+        self.events.refused(exc.reason)
+        log.warning(
+            "activation of %s/%s refused: %s [%s]",
+            req.session,
+            req.service,
+            exc.message,
+            exc.reason,
+        )
+
+    def _admit(self, req: protocol.ActivationRequest, now: datetime) -> nonces.Nonce:
+        """(1) a request of a known wire version; (2) a nonce this CAS issued, unexpired.
+
+        Whether the nonce was used before is settled in step (8), with the audit entry.
+        """
         if req.binding_version != protocol.WIRE_VERSION:
             raise MalformedEvidenceError(
                 f"binding version {req.binding_version} is not supported", reason="binding-version"
             )
+        return self.nonces.check(req.nonce, now.timestamp())
+
+    def _activate(
+        self, req: protocol.ActivationRequest, now: datetime
+    ) -> protocol.ActivationResponse:
+        # (1) well-formed request, known TEE
         try:
             tee = Tee(req.tee)
         except ValueError:
@@ -244,8 +278,6 @@ class Cas:
             raise MalformedEvidenceError(
                 "the CSR cannot be read or its signature fails", reason="bad-csr"
             ) from None
-        # (2) single-use, unexpired nonce
-        self._consume_nonce(req.nonce, now)
         # (3) the session and service exist
         record = self.store.current_session(req.session)
         if record is None:
@@ -378,6 +410,10 @@ class Cas:
         return secretlib.render(value.public(), template.Placeholder(secret_name, fmt), now=now)
 
 
+def _refusal(exc: Error) -> dict[str, object]:
+    return {"outcome": "refused", "reason": exc.reason, "message": exc.message}
+
+
 def _check_second_factors(
     store: Store,
     session: Session,
@@ -412,15 +448,11 @@ def _check_second_factors(
             reason="otp-invalid",
         )
     # One time: a password that started this service once does not start it again. The
-    # store's single-use nonces remember it for as long as it could verify.
+    # store's record of used nonces remembers it for as long as it could verify.
     import hashlib
 
     seen = "otp:" + hashlib.sha256(f"{session.name}/{service}/{req.otp}".encode()).hexdigest()
-    try:
-        store.add_nonce(seen, now.timestamp() + 3 * secretlib.TOTP_STEP_SECONDS)
-    except Exception:  # noqa: BLE001, S110 - already there: consume_nonce below refuses it
-        pass
-    if not store.consume_nonce(seen, now.timestamp()):
+    if not store.claim_nonce(seen, now.timestamp() + 3 * secretlib.TOTP_STEP_SECONDS):
         raise AccessDenied("this one-time password was used before", reason="otp-replayed")
 
 

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from cloister.errors import BackendUnavailable, ConflictError, RollbackError, StoreError
-from cloister.store import Head, HeadFile, Keyring, Store, load_or_create_key
+from cloister.store import Claim, Head, HeadFile, Keyring, Store, load_or_create_key
 from cloister.store._chain import ChainKeys
 
 
@@ -173,13 +173,101 @@ def test_a_replica_follows_the_other_replicas_changes(
     other.close()
 
 
-def test_nonces_are_single_use_and_expire(store: Store) -> None:
-    store.add_nonce("n1", expires_at=100.0)
-    assert store.consume_nonce("n1", now=50.0)
-    assert not store.consume_nonce("n1", now=51.0)
-    store.add_nonce("n2", expires_at=100.0)
-    assert not store.consume_nonce("n2", now=100.0)
-    assert not store.consume_nonce("unknown", now=1.0)
+def test_a_claimed_nonce_cannot_be_claimed_again(store: Store) -> None:
+    assert store.claim_nonce("n1", expires_at=100.0)
+    assert not store.claim_nonce("n1", expires_at=100.0)
+    assert store.claim_nonce("n2", expires_at=100.0)
+    assert store.count_claimed_nonces() == 2
+    with pytest.raises(ValueError, match="at most 128"):
+        store.claim_nonce("x" * 129, expires_at=100.0)
+
+
+def test_an_audit_entry_and_its_nonce_claim_are_one_write(store: Store) -> None:
+    claim = Claim("n1", 1_000.0, {"event": "activation", "outcome": "refused"})
+    first, fresh = store.append_audit_claiming({"event": "activation"}, claim, now=10.0)
+    assert fresh and first.body["event"] == "activation" and "outcome" not in first.body
+    again, fresh = store.append_audit_claiming({"event": "activation"}, claim, now=11.0)
+    assert not fresh and again.body["outcome"] == "refused"  # the replay is what was recorded
+    assert [r.body["seq"] for r in store.audit_records()] == [1, 2]
+    # A claim made on its own is seen by the audit path, and the other way round.
+    assert not store.claim_nonce("n1", expires_at=1_000.0)
+    assert store.claim_nonce("n2", expires_at=1_000.0)
+    _, fresh = store.append_audit_claiming(
+        {"event": "activation"}, Claim("n2", 1_000.0, {}), now=12.0
+    )
+    assert not fresh
+
+
+def test_expired_claims_are_forgotten(store: Store) -> None:
+    store.claim_nonce("old", expires_at=100.0)
+    store.claim_nonce("live", expires_at=10_000.0)
+    # The audit path purges claims that expired more than a minute before its clock.
+    store.append_audit({"event": "tick"}, now=100.0 + 61)
+    assert store.count_claimed_nonces() == 1
+    assert store.claim_nonce("old", expires_at=10_000.0)  # gone; a CAS refuses it as expired
+    assert not store.claim_nonce("live", expires_at=10_000.0)
+
+
+def test_concurrent_audit_entries_share_one_transaction(store: Store, head: Path) -> None:
+    """Group commit: entries queued while another write holds the lock go in one transaction."""
+    ops: list[str] = []
+    store.observe = lambda op, _seconds: ops.append(op)
+    results: list[tuple[object, bool]] = []
+    threads = [
+        threading.Thread(
+            target=lambda i=i: results.append(
+                store.append_audit_claiming(
+                    {"event": "activation", "n": i}, Claim(f"n{i % 4}", 1e9, {"dup": i}), now=1.0
+                )
+            )
+        )
+        for i in range(8)
+    ]
+    with store._write_lock:  # another writer is busy
+        for t in threads:
+            t.start()
+        while len(store._queue) < 8:
+            threading.Event().wait(0.001)
+    for t in threads:
+        t.join()
+    assert ops.count("audit") == 1
+    records = store.audit_records()
+    assert [r.body["seq"] for r in records] == list(range(1, 9))
+    # Four distinct nonces among eight entries: four were new, four were replays.
+    assert sorted(fresh for _, fresh in results) == [False] * 4 + [True] * 4
+    assert sum("dup" in r.body for r in records) == 4
+    assert HeadFile(head).read(store._chain_keys) == store.head()
+
+
+def test_a_failed_group_commit_fails_every_entry_in_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.append_audit({"event": "before"}, now=1.0)
+
+    def broken(batch: object, c: object) -> list[object]:
+        raise BackendUnavailable("the database went away")
+
+    monkeypatch.setattr(store, "_audit_puts", broken)
+    failures: list[BaseException] = []
+
+    def append(i: int) -> None:
+        try:
+            store.append_audit({"event": "lost", "n": i}, now=2.0)
+        except BackendUnavailable as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=append, args=(i,)) for i in range(4)]
+    with store._write_lock:
+        for t in threads:
+            t.start()
+        while len(store._queue) < 4:
+            threading.Event().wait(0.001)
+    for t in threads:
+        t.join()
+    assert len(failures) == 4
+    monkeypatch.undo()
+    assert [r.body["event"] for r in store.audit_records()] == ["before"]
+    store.append_audit({"event": "after"}, now=3.0)  # the store still works
 
 
 # --- rollback and tamper evidence -----------------------------------------------------------
