@@ -259,6 +259,23 @@ def test_a_silent_connection_is_closed(limited: TunedCas) -> None:
         assert data == b"" and time.monotonic() - started < 30
 
 
+def test_oversized_headers_get_431(limited: TunedCas) -> None:
+    """Headers beyond 16 KiB are refused as they arrive, whether or not they ever end."""
+    with _tls(limited) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: cas\r\n")
+        for _ in range(40):  # 40 KiB of headers that never end
+            try:
+                conn.sendall(b"X-Pad: " + b"a" * 1000 + b"\r\n")
+            except (ConnectionError, ssl.SSLError, OSError):
+                break
+        reply = _read_reply(conn)
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
+    # Headers within the bound are served as before, on a new connection.
+    with _tls(limited) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: cas\r\nX-Pad: " + b"a" * 8000 + b"\r\n\r\n")
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+
+
 def test_a_slow_body_gets_408(limited: TunedCas) -> None:
     with _tls(limited) as conn:
         conn.sendall(

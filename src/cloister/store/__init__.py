@@ -22,9 +22,12 @@ that is bound to an ephemeral key be answered again, sealed to that same key.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -82,7 +85,6 @@ _MAX_ATTEMPTS = 200
 _NONCE_PURGE_INTERVAL_SECONDS = 10.0
 _NONCE_PURGE_MARGIN_SECONDS = 60.0
 _MAX_NONCE_KEY = 128  # the nonces table's key column
-_MAX_CACHED_SESSIONS = 4096  # session records kept after their rows were read and checked
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,45 @@ class _Put:
     table: str
     key: str
     digest: bytes
-    statements: tuple[sa.Executable, ...]
+    statements: tuple[sa.Executable | tuple[sa.Executable, Mapping[str, Any]], ...]
+
+
+class _WriterQueue:
+    """Write transactions of one SQLite database wait for each other here, in the kernel.
+
+    SQLite lets one writer in at a time; the others poll in its busy handler, which sleeps
+    for growing intervals (up to 100 ms) and so leaves the lock idle while writers wait. CAS
+    worker processes that share a database instead queue on an exclusive ``flock`` of a file
+    beside it (and threads of one process on a mutex first: a ``flock`` is held per open
+    file), and the kernel hands the lock on as soon as it is released. PostgreSQL queues
+    writers itself; there this is a no-op.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self._mutex = threading.Lock()
+        self._fd = None if path is None else os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    @classmethod
+    def for_database(cls, engine: Engine) -> _WriterQueue:
+        database = engine.url.database
+        if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+            return cls(None)
+        return cls(Path(database + "-writers.lock"))
+
+    def __enter__(self) -> None:
+        if self._fd is not None:
+            self._mutex.acquire()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._mutex.release()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +255,37 @@ def _checked_event(event_: Mapping[str, Any]) -> Mapping[str, Any]:
     if "seq" in event_ or "prev" in event_:
         raise ValueError("seq and prev are the log's own fields")
     return event_
+
+
+# The statements of the hot paths, built once: building a statement costs SQLAlchemy more
+# than SQLite takes to run it.
+_FOLLOW_CHAIN = (
+    sa.select(changes_t)
+    .where(changes_t.c.seq >= sa.bindparam("from_seq"))
+    .order_by(changes_t.c.seq)
+)
+_NEWEST_SESSION = (
+    sa.select(sessions_t)
+    .where(sessions_t.c.name == sa.bindparam("name"))
+    .order_by(sessions_t.c.version.desc())
+    .limit(1)
+)
+_INSERT_CHANGES = sa.insert(changes_t)
+_INSERT_AUDIT = sa.insert(audit_t)
+
+
+def _claim_statement(dialect: Any) -> sa.Executable:
+    """Insert a used nonce unless it is there; a row comes back only if it was added."""
+    stmt: sa.Executable = (
+        dialect.insert(nonces_t)
+        .values(nonce=sa.bindparam("nonce"), expires_at=sa.bindparam("expires_at"), used=sa.true())
+        .on_conflict_do_nothing(index_elements=[nonces_t.c.nonce])
+        .returning(nonces_t.c.nonce)
+    )
+    return stmt
+
+
+_CLAIM = {"sqlite": _claim_statement(sqlite), "postgresql": _claim_statement(postgresql)}
 
 
 def _session_key(name: str, version: int) -> str:
@@ -268,8 +339,8 @@ class Store:
         self._queue_lock = threading.Lock()  # guards _queue: audit entries to group-commit
         self._queue: list[_Pending] = []
         self._next_purge = 0.0  # when to forget expired used nonces next (store time)
-        self._sessions: dict[str, SessionRecord] = {}  # newest versions read and checked
         self._pg = engine.dialect.name == "postgresql"
+        self._writers = _WriterQueue.for_database(engine)
         self.failure: str | None = None
         # Called with (operation, seconds) after every database transaction (metrics).
         self.observe: Callable[[str, float], None] | None = None
@@ -315,6 +386,7 @@ class Store:
 
     def close(self) -> None:
         self._engine.dispose()
+        self._writers.close()
 
     # --- transactions ------------------------------------------------------------------------
 
@@ -322,7 +394,10 @@ class Store:
     def _tx(self, op: str, *, write: bool) -> Iterator[Connection]:
         t0 = time.perf_counter()
         try:
-            with self._engine.connect() as conn:
+            with (
+                self._writers if write else contextlib.nullcontext(),
+                self._engine.connect() as conn,
+            ):
                 if write:
                     conn.execution_options(cloister_write=True)
                 elif self._pg:
@@ -390,7 +465,6 @@ class Store:
         self._check_head(state, signed)
         with self._lock:
             self._state = state
-            self._sessions.clear()
             self._save_head()
         log.info("store verified: %d changes, head %s", state.head_seq, state.head_hash.hex()[:16])
         return Head(state.head_seq, state.head_hash)
@@ -431,14 +505,7 @@ class Store:
         """Follow the chain forward within ``c``'s snapshot; return the snapshot's head seq."""
         with self._lock:
             known_seq, known_hash = self._state.head_seq, self._state.head_hash
-        rows = [
-            self._entry(r)
-            for r in c.execute(
-                sa.select(changes_t)
-                .where(changes_t.c.seq >= max(known_seq, 1))
-                .order_by(changes_t.c.seq)
-            )
-        ]
+        rows = [self._entry(r) for r in c.execute(_FOLLOW_CHAIN, {"from_seq": max(known_seq, 1)})]
         if known_seq > 0:
             if not rows or rows[0].seq != known_seq or rows[0].hash != known_hash:
                 raise tampered(
@@ -520,7 +587,7 @@ class Store:
                             prev = e.hash
                         try:
                             c.execute(
-                                sa.insert(changes_t),
+                                _INSERT_CHANGES,
                                 [
                                     {
                                         "seq": e.seq,
@@ -538,7 +605,10 @@ class Store:
                             raise _ChainMoved from None
                         for p in batch:
                             for stmt in p.statements:
-                                c.execute(stmt)
+                                if isinstance(stmt, tuple):
+                                    c.execute(*stmt)
+                                else:
+                                    c.execute(stmt)
                 except _ChainMoved:
                     continue
                 with self._lock:
@@ -635,21 +705,11 @@ class Store:
 
     def current_session(self, name: str) -> SessionRecord | None:
         def read(c: Connection, snap: int) -> SessionRecord | None:
+            row = c.execute(_NEWEST_SESSION, {"name": name}).first()
             with self._lock:
                 newest = self._state.versions.get(name)
-                known = self._sessions.get(name)
             if newest is not None and newest[0] > snap:
                 raise _Retry
-            if newest is not None and known is not None and known.version == newest[1]:
-                # The chain (just followed) says this version is the newest, and a version's
-                # row never changes: the copy read and checked before is the one in force.
-                return known
-            row = c.execute(
-                sa.select(sessions_t)
-                .where(sessions_t.c.name == name)
-                .order_by(sessions_t.c.version.desc())
-                .limit(1)
-            ).first()
             if row is None:
                 if newest is not None:
                     raise tampered(f"session {name!r} was deleted")
@@ -662,12 +722,7 @@ class Store:
             key, digest = _digest_of("sessions", row)
             self._expect("sessions", key, snap, digest)
             doc = self._keys.open(row.document, self._aad(row.name, row.version))
-            record = SessionRecord(row.name, row.version, row.hash, row.creator, doc)
-            with self._lock:
-                if len(self._sessions) >= _MAX_CACHED_SESSIONS:
-                    self._sessions.pop(next(iter(self._sessions)))
-                self._sessions[name] = record
-            return record
+            return SessionRecord(row.name, row.version, row.hash, row.creator, doc)
 
         return self._read("read-session", read)
 
@@ -848,8 +903,8 @@ class Store:
             payload = json.dumps({"body": body, "sig": p.record.signature.hex()}).encode()
             sealed = self._keys.seal(payload, f"audit/{aseq}".encode())
             key = f"{aseq}/{h.hex()}"
-            stmt = sa.insert(audit_t).values(seq=aseq, hash=h.hex(), body=sealed)
-            out.append(_Put("audit", key, _chain.row_digest("audit", key, [sealed]), (stmt,)))
+            row = (_INSERT_AUDIT, {"seq": aseq, "hash": h.hex(), "body": sealed})
+            out.append(_Put("audit", key, _chain.row_digest("audit", key, [sealed]), (row,)))
             ahash = h
         return out
 
@@ -971,15 +1026,9 @@ class Store:
     # --- nonces (not chained: see the module docstring) --------------------------------------
 
     def _claim(self, c: Connection, nonce: str, expires_at: float) -> bool:
-        dialect = postgresql if self._pg else sqlite
-        stmt = (
-            dialect.insert(nonces_t)
-            .values(nonce=nonce, expires_at=expires_at, used=True)
-            .on_conflict_do_nothing(index_elements=[nonces_t.c.nonce])
-            .returning(nonces_t.c.nonce)
-        )
+        stmt = _CLAIM["postgresql" if self._pg else "sqlite"]
         # A row comes back only if this insert added it (rowcount is not portable here).
-        return c.execute(stmt).first() is not None
+        return c.execute(stmt, {"nonce": nonce, "expires_at": expires_at}).first() is not None
 
     def claim_nonce(self, nonce: str, expires_at: float) -> bool:
         """Record ``nonce`` as used until ``expires_at``; ``False`` if it was used before.

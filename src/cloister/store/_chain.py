@@ -17,9 +17,11 @@ are taken over sealed bytes.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,9 +34,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cloister.errors import RollbackError
 
+log = logging.getLogger(__name__)
+
 GENESIS = bytes(32)
 # Bounds a head file read from the untrusted disk before parsing it.
 MAX_HEAD_FILE_BYTES = 4096
+# A slot of the head file: one signed head, padded; well within one disk sector.
+SLOT_BYTES = 256
 
 
 def derive(store_key: bytes, purpose: bytes) -> bytes:
@@ -175,8 +181,17 @@ class HeadFile:
     """The newest chain head this CAS has seen, signed, kept beside the store key.
 
     In simulation this is a file in the data directory; in a TEE it would be sealed to the TEE
-    like the store key. It is written after every change this CAS makes or learns of, with
-    write-to-temporary, fsync, rename: a crash leaves the previous head, never a torn one.
+    like the store key. It is written after every change this CAS makes or learns of (once per
+    group commit), before that change is acknowledged.
+
+    Two slots of ``SLOT_BYTES`` each hold a signed head; a write goes, in place, into the slot
+    that does not hold the newest head and is flushed to the disk (``fdatasync``). A crash
+    in the middle of a write can only tear that slot: the other still holds the previous
+    head. Writers in several processes take an exclusive ``flock`` and never replace a newer
+    head with an older one. Reading takes the newest slot that verifies; a slot that does not
+    verify beside one that does is reported (a torn write, or an edit that at most shows the
+    previous head, which an older copy of the whole file would show as well); if none
+    verifies, the head is refused. A one-document file of earlier versions reads as slot 0.
     """
 
     def __init__(self, path: Path, *, writable: bool = True) -> None:
@@ -188,24 +203,57 @@ class HeadFile:
     def _message(seq: int, h: bytes) -> bytes:
         return b"cloister-state-head-v1\x00" + seq.to_bytes(8, "big") + h
 
+    @staticmethod
+    def _parse(slot: bytes) -> tuple[int, bytes, bytes] | None:
+        """A slot's (seq, hash, signature); None if empty; ValueError if unreadable."""
+        if not slot.strip(b"\x00 \n"):
+            return None
+        try:
+            doc = json.loads(slot.rstrip(b"\x00"))
+            seq, h, sig = int(doc["seq"]), bytes.fromhex(doc["hash"]), bytes.fromhex(doc["sig"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError("unreadable") from None
+        if seq < 0 or len(h) != 32:
+            raise ValueError("out of range")
+        return seq, h, sig
+
     def read(self, keys: ChainKeys) -> Head | None:
         try:
             raw = self.path.read_bytes()[: MAX_HEAD_FILE_BYTES + 1]
         except FileNotFoundError:
             return None
-        try:
-            if len(raw) > MAX_HEAD_FILE_BYTES:
-                raise ValueError("too large")
-            doc = json.loads(raw)
-            seq, h, sig = int(doc["seq"]), bytes.fromhex(doc["hash"]), bytes.fromhex(doc["sig"])
-            if seq < 0 or len(h) != 32:
-                raise ValueError("out of range")
-        except (ValueError, KeyError, TypeError):
-            raise tampered(f"the state head {self.path} is unreadable") from None
-        if not keys.check_signature(sig, self._message(seq, h)):
-            raise tampered(f"the state head {self.path} is not signed by this CAS's state key")
-        self._written = max(self._written, seq)
-        return Head(seq, h)
+        if len(raw) > MAX_HEAD_FILE_BYTES:
+            raise tampered(f"the state head {self.path} is unreadable")
+        slots = [raw[:SLOT_BYTES], raw[SLOT_BYTES : 2 * SLOT_BYTES]]
+        valid: list[Head] = []
+        problems: list[str] = []
+        for i, slot in enumerate(slots):
+            try:
+                parsed = self._parse(slot)
+            except ValueError:
+                problems.append(f"slot {i} is unreadable")
+                continue
+            if parsed is None:
+                continue
+            seq, h, sig = parsed
+            if keys.check_signature(sig, self._message(seq, h)):
+                valid.append(Head(seq, h))
+            else:
+                problems.append(f"slot {i} is not signed by this CAS's state key")
+        if not valid:
+            if not problems:
+                return None
+            reason = (
+                "is not signed by this CAS's state key"
+                if all("signed" in p for p in problems)
+                else "is unreadable"
+            )
+            raise tampered(f"the state head {self.path} {reason}")
+        head = max(valid, key=lambda v: v.seq)
+        for problem in problems:
+            log.warning("state head %s: %s; using head %d", self.path, problem, head.seq)
+        self._written = max(self._written, head.seq)
+        return head
 
     def write(self, head: Head, keys: ChainKeys) -> None:
         if not self.writable or head.seq <= self._written:
@@ -215,12 +263,25 @@ class HeadFile:
             "hash": head.hash.hex(),
             "sig": keys.sign(self._message(head.seq, head.hash)).hex(),
         }
-        # One temporary file per writer: several CAS processes may share a data directory.
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "w") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        record = json.dumps(doc).encode().ljust(SLOT_BYTES, b" ")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # other CAS processes on this data directory
+            current = os.pread(fd, 2 * SLOT_BYTES, 0)
+            seqs = []
+            for slot in (current[:SLOT_BYTES], current[SLOT_BYTES : 2 * SLOT_BYTES]):
+                try:
+                    parsed = self._parse(slot)
+                except ValueError:
+                    parsed = None
+                seqs.append(-1 if parsed is None else parsed[0])
+            if max(seqs) >= head.seq:
+                self._written = max(seqs)  # another process recorded this head or a newer one
+                return
+            # Overwrite the older slot; the newest head stays intact until this one is durable.
+            target = 0 if seqs[0] <= seqs[1] else 1
+            os.pwrite(fd, record, target * SLOT_BYTES)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)  # releases the lock
         self._written = head.seq
