@@ -149,7 +149,20 @@ def _engine(url: str) -> Engine:
         url = url.replace("postgresql://", "postgresql+psycopg://", 1)
     if not url.startswith("postgresql+psycopg://"):
         raise ValueError("the store URL must be sqlite:///PATH or postgresql://...")
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    engine = sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    event.listen(engine, "begin", _pg_begin)
+    return engine
+
+
+# Every write transaction appends to the one chain: writers of all CAS replicas queue for it
+# in the server (a transaction-scoped advisory lock) instead of racing for the next sequence
+# number and starting over.
+_PG_WRITERS_LOCK = 0x636C6F6973746572  # "cloister"
+
+
+def _pg_begin(conn: Connection) -> None:
+    if conn.get_execution_options().get("cloister_write", False):
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITERS_LOCK})")
 
 
 def migrate(engine: Engine) -> None:
