@@ -10,7 +10,13 @@ a certificate, renders templates and seals a bundle.
 The CAS is ``cloister cas serve --simulation --workers W`` (rate limits lifted) in its own
 process tree. The agents run in separate client processes (threads inside each), so that the
 client's Python does not share a GIL with the CAS; on a 2-core machine they still share the
-cores, and the table says what the clients cost.
+cores, and the table says what the clients cost. They speak HTTP/1.1 through ``http.client``
+(a load generator should leave the cores to the server) and run the agent's own
+``activation.prepare`` and ``Attempt.open``; ``--agent-client`` uses the agent's httpx client.
+
+Load is a closed loop by default (every agent activates again at once); ``--rate R`` offers
+R activations per second instead, taken by whichever agent is free, with latency counted from
+when each was due (no coordinated omission).
 
 Per backend (SQLite, and PostgreSQL when its binaries are installed: a throwaway cluster is
 started as the ``postgres`` user on a free loopback port) and per N, the table shows
@@ -20,8 +26,8 @@ worker processes together), its peak resident memory (sum over worker processes)
 clients' CPU per activation.
 
 Usage: ``python benchmarks/activation.py [--agents 1,16,64,256] [--seconds 8] [--workers W]
-[--clients K] [--backends sqlite,postgres] [--profile DIR]``. ``--profile`` records the CAS with
-py-spy (when installed) at the largest N and writes a speedscope file per run.
+[--clients K] [--backends sqlite,postgres] [--rate 0,100] [--agent-client] [--profile DIR]``.
+``--profile`` records the CAS with py-spy (when installed) at the largest N.
 """
 
 from __future__ import annotations
