@@ -1,8 +1,9 @@
 """Abuse limits of the CAS, one test each, against a real CAS over HTTPS on loopback.
 
-Request size (declared and chunked), nonce expiry and single use, bounded outstanding nonces,
-per-client rate limits with 429 and Retry-After (activation and session endpoints), and
-timeouts on slow clients (slow headers, idle connections, slow bodies).
+Request size (declared and chunked), header size, nonce expiry and single use (across workers
+too), nonces that cost no storage until used, per-client rate limits with 429 and Retry-After
+(activation and session endpoints), and timeouts on slow clients (slow headers, idle
+connections, slow bodies).
 """
 
 from __future__ import annotations

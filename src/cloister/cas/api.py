@@ -127,8 +127,9 @@ def create_app(
         return await run_in_threadpool(cas.evidence, nonce)
 
     @app.post("/v1/nonces", response_model=protocol.NonceResponse)
-    async def nonce() -> protocol.NonceResponse:
-        return await store_bound(cas.new_nonce, clock())
+    async def nonce() -> Response:
+        # Stateless (an HMAC over an expiry and random bytes): no store, no thread.
+        return _json(cas.new_nonce(clock()))
 
     @app.post("/v1/sessions", response_model=protocol.SessionAccepted, status_code=201)
     async def create(body: protocol.SignedSession) -> protocol.SessionAccepted:
@@ -167,8 +168,8 @@ def create_app(
         return await run_in_threadpool(cas.public_secret, session, secret, clock())
 
     @app.post("/v1/activate", response_model=protocol.ActivationResponse)
-    async def activate(body: protocol.ActivationRequest) -> protocol.ActivationResponse:
-        return await store_bound(cas.activate, body, clock())
+    async def activate(body: protocol.ActivationRequest) -> Response:
+        return _json(await store_bound(cas.activate, body, clock()))
 
     @app.post("/v1/volumes/tag", response_model=protocol.VolumeTagAccepted)
     async def volume_tag(body: protocol.VolumeTagReport) -> protocol.VolumeTagAccepted:
@@ -176,6 +177,11 @@ def create_app(
         return await run_in_threadpool(cas.report_volume_tag, body)
 
     return app
+
+
+def _json(model: protocol.Wire) -> Response:
+    """A response model serialized once: FastAPI would validate our own model again first."""
+    return Response(content=model.model_dump_json(), media_type="application/json")
 
 
 def _error(exc: errors.Error, rid: str, status: int) -> JSONResponse:
