@@ -208,6 +208,18 @@ def test_expired_claims_are_forgotten(store: Store) -> None:
     assert not store.claim_nonce("live", expires_at=10_000.0)
 
 
+def queue_while_busy(store: Store, threads: list[threading.Thread]) -> None:
+    """Start ``threads`` (each appends one audit entry) while another writer holds the lock,
+    and let go once all of them are queued: they must then share one group commit."""
+    with store._write_lock:
+        for t in threads:
+            t.start()
+        while len(store._queue) < len(threads):
+            threading.Event().wait(0.001)
+    for t in threads:
+        t.join()
+
+
 def test_concurrent_audit_entries_share_one_transaction(store: Store, head: Path) -> None:
     """Group commit: entries queued while another write holds the lock go in one transaction."""
     ops: list[str] = []
@@ -223,13 +235,7 @@ def test_concurrent_audit_entries_share_one_transaction(store: Store, head: Path
         )
         for i in range(8)
     ]
-    with store._write_lock:  # another writer is busy
-        for t in threads:
-            t.start()
-        while len(store._queue) < 8:
-            threading.Event().wait(0.001)
-    for t in threads:
-        t.join()
+    queue_while_busy(store, threads)
     assert ops.count("audit") == 1
     records = store.audit_records()
     assert [r.body["seq"] for r in records] == list(range(1, 9))
@@ -257,13 +263,7 @@ def test_a_failed_group_commit_fails_every_entry_in_it(
             failures.append(exc)
 
     threads = [threading.Thread(target=append, args=(i,)) for i in range(4)]
-    with store._write_lock:
-        for t in threads:
-            t.start()
-        while len(store._queue) < 4:
-            threading.Event().wait(0.001)
-    for t in threads:
-        t.join()
+    queue_while_busy(store, threads)
     assert len(failures) == 4
     monkeypatch.undo()
     assert [r.body["event"] for r in store.audit_records()] == ["before"]
