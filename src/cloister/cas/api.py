@@ -301,13 +301,13 @@ class _RequestId:
 
 
 class _StoreBound:
-    """Runs the store-bound activation path in a few threads instead of anyio's forty.
+    """Runs the store-bound activation path in a bounded number of threads.
 
-    Each activation is a handful of short store transactions behind one write lock; more
-    threads than the store's connection pool holds only wait inside the pool or in SQLite's
-    busy handler (which polls). Here the waiting happens in the event loop instead (FIFO,
-    holding no connection), and a worker never asks the database for more connections than
-    ``limits.STORE_THREADS_PER_WORKER``.
+    Each activation reads the store once and ends in one write that is group-committed with
+    the writes of the worker's other threads at the time (``Store.append_audit_claiming``):
+    enough threads make the groups larger, more than the store's connection pool holds only
+    wait inside it. Beyond ``limits.STORE_THREADS_PER_WORKER`` the waiting happens in the
+    event loop (FIFO, holding no connection).
     """
 
     def __init__(self, threads: int) -> None:
