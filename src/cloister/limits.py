@@ -38,7 +38,7 @@ ACTIVATION_BURST: Final = 200
 SESSION_RATE_PER_SECOND: Final = 10.0  # session create/update/read and exists per client IP
 SESSION_BURST: Final = 20
 MAX_RATE_LIMITED_CLIENTS: Final = 65_536  # buckets kept per worker before the oldest go
-# Threads per CAS worker for the activation path; below the store's pool of 16 connections.
+# Threads per CAS worker for the activation path, within the store's connection pool (15).
 STORE_THREADS_PER_WORKER: Final = 12
 
 # Encrypted volumes (volume/_format.py): read from an untrusted disk before authentication.
