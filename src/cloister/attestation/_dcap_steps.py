@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
@@ -21,6 +22,7 @@ from cloister.attestation._dcap import (
     Quote,
     SgxReport,
     build_pck_chain,
+    check_pck_windows,
     pck_chain_pem,
     verify_attestation_key_binding,
     verify_qe_report,
@@ -49,6 +51,18 @@ from cloister.attestation.collateral import (
 from cloister.errors import CollateralError
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What steps (3)–(12) established about a quote: a chain to the pinned root, a genuine
+    QE report and quote signature, and collateral that verified and is valid now."""
+
+    chain: PckChain
+    qe: SgxReport
+    request: DcapRequest
+    tcb: TcbInfo
+    identity: QeIdentity
 
 
 class DcapSteps:
@@ -197,6 +211,30 @@ class DcapSteps:
                     "the TCB signing certificate is revoked", reason="tcb-signing-revoked"
                 )
         return root, pck
+
+    def quote_and_collateral(self, quote: Quote, tee: Tee, now: datetime) -> Checked:
+        """Steps (3)–(12), the same for SGX and TDX quotes."""
+        # (3) PCK chain to the pinned root
+        chain = self.pck_chain(quote, tee)
+        # (4) (5) QE report signature and attestation-key binding
+        qe = self.qe_report(quote, chain)
+        # (6) quote signature
+        self.quote_signature(quote)
+        # (7) PCK chain windows
+        check_pck_windows(chain, now)
+        # (8) collateral
+        request, col, cached = self.collateral(tee, chain, now)
+        # (9) TCB Info
+        tcb = self.tcb_info(col, tee, chain)
+        # (10) QE Identity
+        identity = self.qe_identity(col, tee)
+        # (11) collateral windows
+        self.windows(tcb, identity, now)
+        # (12) CRLs
+        crls = self.crls(col, chain, tcb, identity, now)
+        if not cached:
+            self.remember(request, col, tcb, identity, crls)
+        return Checked(chain, qe, request, tcb, identity)
 
     def remember(
         self,

@@ -78,26 +78,10 @@ class SgxVerifier:
         _x509.require_aware(now)
         # (1) (2) bounds, header and layout
         quote = _dcap.parse_quote(evidence, tee=Tee.SGX)
-        # (3) PCK chain to the pinned root
-        chain = steps.pck_chain(quote, Tee.SGX)
-        # (4) (5) QE report signature and attestation-key binding
-        qe = steps.qe_report(quote, chain)
-        # (6) quote signature
-        steps.quote_signature(quote)
-        # (7) PCK chain windows
-        _dcap.check_pck_windows(chain, now)
-        # (8) collateral
-        request, col, cached = steps.collateral(Tee.SGX, chain, now)
-        # (9) TCB Info
-        tcb = steps.tcb_info(col, Tee.SGX, chain)
-        # (10) QE Identity
-        identity = steps.qe_identity(col, Tee.SGX)
-        # (11) collateral windows
-        steps.windows(tcb, identity, now)
-        # (12) CRLs
-        crls = steps.crls(col, chain, tcb, identity, now)
-        if not cached:
-            steps.remember(request, col, tcb, identity, crls)
+        # (3)–(12) PCK chain, QE report, quote signature, collateral, windows, CRLs
+        checked = steps.quote_and_collateral(quote, Tee.SGX, now)
+        chain, qe, request = checked.chain, checked.qe, checked.request
+        tcb, identity = checked.tcb, checked.identity
         # (13) QE Identity match and QE TCB level
         qe_status, qe_advisories = _dcap_tcb.match_qe_identity(qe, identity)
         # (14) platform TCB level

@@ -69,26 +69,10 @@ class TdxVerifier:
         # (1) (2) bounds, header and layout
         quote = _dcap.parse_quote(evidence, tee=Tee.TDX)
         report = _dcap.TdReport.parse(quote.body)
-        # (3) PCK chain to the pinned root
-        chain = steps.pck_chain(quote, Tee.TDX)
-        # (4) (5) QE report signature and attestation-key binding
-        qe = steps.qe_report(quote, chain)
-        # (6) quote signature
-        steps.quote_signature(quote)
-        # (7) PCK chain windows
-        _dcap.check_pck_windows(chain, now)
-        # (8) collateral
-        request, col, cached = steps.collateral(Tee.TDX, chain, now)
-        # (9) TCB Info
-        tcb = steps.tcb_info(col, Tee.TDX, chain)
-        # (10) QE Identity
-        identity = steps.qe_identity(col, Tee.TDX)
-        # (11) collateral windows
-        steps.windows(tcb, identity, now)
-        # (12) CRLs
-        crls = steps.crls(col, chain, tcb, identity, now)
-        if not cached:
-            steps.remember(request, col, tcb, identity, crls)
+        # (3)–(12) PCK chain, QE report, quote signature, collateral, windows, CRLs
+        checked = steps.quote_and_collateral(quote, Tee.TDX, now)
+        chain, qe, request = checked.chain, checked.qe, checked.request
+        tcb, identity = checked.tcb, checked.identity
         # (13) TD QE identity match and its TCB level
         qe_status, qe_advisories = _dcap_tcb.match_qe_identity(qe, identity)
         # (14) platform TCB level, TDX components included
