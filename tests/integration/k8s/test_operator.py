@@ -66,6 +66,10 @@ def resource(name: str, text: str, sigs: list[dict[str, str]]) -> str:
     )
 
 
+def apply(cluster: Cluster, namespace: str, manifest: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
+
+
 def get(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
     out = cluster.kubectl("get", "-n", namespace, "cloistersession", name, "-o", "json").stdout
     result: dict[str, Any] = json.loads(out)
@@ -183,10 +187,7 @@ def test_a_signed_session_is_created_in_the_cas_and_reported(
 ) -> None:
     name = unique("shop")
     text = document(name)
-    crds.kubectl(
-        "apply", "-n", namespace, "-f", "-",
-        input=resource("app", text, signed(text, owner_key, "create")),
-    )  # fmt: skip
+    apply(crds, namespace, resource("app", text, signed(text, owner_key, "create")))
     status = wait_status(crds, namespace, "app", operator)
     digest = Session.from_yaml(text).hash
     assert status["accepted"] is True
@@ -208,17 +209,11 @@ def test_an_edit_is_forwarded_as_an_update(
 ) -> None:
     name = unique("shop")
     first = document(name)
-    crds.kubectl(
-        "apply", "-n", namespace, "-f", "-",
-        input=resource("app", first, signed(first, owner_key, "create")),
-    )  # fmt: skip
+    apply(crds, namespace, resource("app", first, signed(first, owner_key, "create")))
     first_hash = wait_status(crds, namespace, "app", operator)["hash"]
 
     second = document(name, predecessor=first_hash, command="/bin/false")
-    crds.kubectl(
-        "apply", "-n", namespace, "-f", "-",
-        input=resource("app", second, signed(second, owner_key, "update")),
-    )  # fmt: skip
+    apply(crds, namespace, resource("app", second, signed(second, owner_key, "update")))
     status = wait_status(crds, namespace, "app", operator)
     second_hash = Session.from_yaml(second).hash
     assert status["observedGeneration"] == 2
@@ -243,7 +238,7 @@ def test_an_unsigned_session_is_refused_with_the_cas_reason(
         {"publicKey": public_key_of(owner_key), "signature": bogus},
         *signed(text, owner_key, "update"),
     ]
-    crds.kubectl("apply", "-n", namespace, "-f", "-", input=resource("app", text, sigs))
+    apply(crds, namespace, resource("app", text, sigs))
     status = wait_status(crds, namespace, "app", operator)
     assert status["accepted"] is False
     assert status["reason"] == "unsigned"
@@ -264,19 +259,13 @@ def test_an_update_signed_by_a_stranger_is_refused_and_the_session_is_unchanged(
 ) -> None:
     name = unique("shop")
     first = document(name)
-    crds.kubectl(
-        "apply", "-n", namespace, "-f", "-",
-        input=resource("app", first, signed(first, owner_key, "create")),
-    )  # fmt: skip
+    apply(crds, namespace, resource("app", first, signed(first, owner_key, "create")))
     first_hash = wait_status(crds, namespace, "app", operator)["hash"]
 
     # Whoever controls the cluster can write any spec, but cannot sign as the owner.
     stranger = ed25519.Ed25519PrivateKey.generate()
     forged = document(name, predecessor=first_hash, command="/bin/sh")
-    crds.kubectl(
-        "apply", "-n", namespace, "-f", "-",
-        input=resource("app", forged, signed(forged, stranger, "update")),
-    )  # fmt: skip
+    apply(crds, namespace, resource("app", forged, signed(forged, stranger, "update")))
     status = wait_status(crds, namespace, "app", operator)
     assert status["observedGeneration"] == 2
     assert status["accepted"] is False
@@ -286,10 +275,7 @@ def test_an_update_signed_by_a_stranger_is_refused_and_the_session_is_unchanged(
 
     # A refusal is final for its generation, not the resource: a signed edit goes through.
     fixed = document(name, predecessor=first_hash, command="/bin/sh")
-    crds.kubectl(
-        "apply", "-n", namespace, "-f", "-",
-        input=resource("app", fixed, signed(fixed, owner_key, "update")),
-    )  # fmt: skip
+    apply(crds, namespace, resource("app", fixed, signed(fixed, owner_key, "update")))
     status = wait_status(crds, namespace, "app", operator)
     assert status["observedGeneration"] == 3 and status["accepted"] is True
     assert cas_client.exists(name, "web").session_hash == Session.from_yaml(fixed).hash
@@ -300,7 +286,7 @@ def test_an_invalid_document_is_refused_without_a_retry_loop(
 ) -> None:
     text = "name: broken\nversion: '0.3'\nservices: [{name: web}]\n"
     sigs = [{"publicKey": public_key_of(owner_key), "signature": "c2lnbmF0dXJl"}]
-    crds.kubectl("apply", "-n", namespace, "-f", "-", input=resource("app", text, sigs))
+    apply(crds, namespace, resource("app", text, sigs))
     status = wait_status(crds, namespace, "app", operator)
     assert status["accepted"] is False and status["reason"] == "invalid-session"
     assert "invalid" in status["conditions"][0]["message"]
@@ -332,7 +318,7 @@ def test_a_session_already_in_the_cas_is_reported_accepted(
             ],
         )
     )
-    crds.kubectl("apply", "-n", namespace, "-f", "-", input=resource("app", text, sigs))
+    apply(crds, namespace, resource("app", text, sigs))
     status = wait_status(crds, namespace, "app", operator)
     assert status["accepted"] is True and status["conditions"][0]["reason"] == "current"
     assert status["hash"] == Session.from_yaml(text).hash
@@ -347,10 +333,7 @@ def test_deleting_the_resource_leaves_the_session_in_the_cas(
 ) -> None:
     name = unique("shop")
     text = document(name)
-    crds.kubectl(
-        "apply", "-n", namespace, "-f", "-",
-        input=resource("app", text, signed(text, owner_key, "create")),
-    )  # fmt: skip
+    apply(crds, namespace, resource("app", text, signed(text, owner_key, "create")))
     status = wait_status(crds, namespace, "app", operator)
     assert status["accepted"] is True
     digest = status["hash"]
@@ -435,17 +418,11 @@ def test_the_operator_needs_no_more_than_the_charts_rbac(
         ) as op:
             name = unique("shop")
             first = document(name)
-            crds.kubectl(
-                "apply", "-n", namespace, "-f", "-",
-                input=resource("app", first, signed(first, owner_key, "create")),
-            )  # fmt: skip
+            apply(crds, namespace, resource("app", first, signed(first, owner_key, "create")))
             status = wait_status(crds, namespace, "app", op)
             assert status["accepted"] is True
             second = document(name, predecessor=status["hash"], command="/bin/false")
-            crds.kubectl(
-                "apply", "-n", namespace, "-f", "-",
-                input=resource("app", second, signed(second, owner_key, "update")),
-            )  # fmt: skip
+            apply(crds, namespace, resource("app", second, signed(second, owner_key, "update")))
             status = wait_status(crds, namespace, "app", op)
             assert status["accepted"] is True and status["observedGeneration"] == 2
             assert "Forbidden" not in op.log.read_text()
@@ -464,10 +441,7 @@ def test_an_unreachable_cas_is_retried_until_it_decides(
     cas.stop()
     name = unique("shop")
     text = document(name)
-    crds.kubectl(
-        "apply", "-n", namespace, "-f", "-",
-        input=resource("app", text, signed(text, owner_key, "create")),
-    )  # fmt: skip
+    apply(crds, namespace, resource("app", text, signed(text, owner_key, "create")))
     status = wait_status(crds, namespace, "app", operator)
     assert status["accepted"] is False and status["reason"] == "backend-unavailable"
     assert status["conditions"][0]["status"] == "Unknown"
