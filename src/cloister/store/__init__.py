@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -257,7 +257,6 @@ class _Pending:
     event: Mapping[str, Any]
     now: float
     claim: Claim | None
-    instead: Mapping[str, Any] = field(default_factory=dict)
     record: AuditRecord | None = None
     claimed: bool = True
     error: BaseException | None = None
@@ -855,9 +854,8 @@ class Store:
         Returns the entry and whether the nonce was new. If it was used before, the entry
         written is ``claim.instead`` (the refusal), not ``event_``.
         """
-        pending = self._append(
-            _Pending(_checked_event(event_), now, claim, instead=_checked_event(claim.instead))
-        )
+        _checked_event(claim.instead)
+        pending = self._append(_Pending(_checked_event(event_), now, claim))
         assert pending.record is not None
         return pending.record, pending.claimed
 
@@ -908,7 +906,7 @@ class Store:
             if p.claim is not None:
                 p.claimed = self._claim(c, p.claim.nonce, p.claim.expires_at)
                 if not p.claimed:
-                    event_ = p.instead
+                    event_ = p.claim.instead
             aseq += 1
             body = {**event_, "seq": aseq, "prev": ahash.hex(), "time": p.now}
             h = _audit.entry_hash(body)
