@@ -59,8 +59,7 @@ class AuditLog:
         Returns the entry and whether the nonce was new; if it was used before, the entry
         written carries the fields of ``instead`` (a refusal) in place of ``fields``.
         """
-        subject = {k: v for k, v in fields.items() if k not in instead}
-        claim = Claim(nonce.hex, nonce.expires_at, _entry(event, {**subject, **instead}))
+        claim = Claim(nonce.hex, nonce.expires_at, _entry(event, {**fields, **instead}))
         return self.store.append_audit_claiming(_entry(event, fields), claim, now=self.clock())
 
 
