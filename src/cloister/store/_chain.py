@@ -224,10 +224,9 @@ class HeadFile:
             return None
         if len(raw) > MAX_HEAD_FILE_BYTES:
             raise tampered(f"the state head {self.path} is unreadable")
-        slots = [raw[:SLOT_BYTES], raw[SLOT_BYTES : 2 * SLOT_BYTES]]
         valid: list[Head] = []
         problems: list[str] = []
-        for i, slot in enumerate(slots):
+        for i, slot in enumerate(_slots(raw)):
             try:
                 parsed = self._parse(slot)
             except ValueError:
@@ -269,7 +268,7 @@ class HeadFile:
             fcntl.flock(fd, fcntl.LOCK_EX)  # other CAS processes on this data directory
             current = os.pread(fd, 2 * SLOT_BYTES, 0)
             seqs = []
-            for slot in (current[:SLOT_BYTES], current[SLOT_BYTES : 2 * SLOT_BYTES]):
+            for slot in _slots(current):
                 try:
                     parsed = self._parse(slot)
                 except ValueError:
@@ -285,3 +284,7 @@ class HeadFile:
         finally:
             os.close(fd)  # releases the lock
         self._written = head.seq
+
+
+def _slots(raw: bytes) -> tuple[bytes, bytes]:
+    return raw[:SLOT_BYTES], raw[SLOT_BYTES : 2 * SLOT_BYTES]
