@@ -6,12 +6,13 @@ import asyncio
 import functools
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
 import anyio
 import anyio.to_thread
+import pydantic
 from fastapi import FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -63,6 +64,10 @@ def create_app(
         description="Configuration and attestation service: sessions, attestation, provisioning.",
         responses=_ERROR_RESPONSES,
     )
+    store_bound = _StoreBound(limits.STORE_THREADS_PER_WORKER)
+    # Innermost of ours, so that the request id, body bound and rate limit apply to it, and
+    # outside FastAPI's router: see ``_AgentRoutes``.
+    app.add_middleware(_AgentRoutes, cas=cas, clock=clock, store_bound=store_bound)
     app.add_middleware(_RequestId)
     # Added last, so outermost: a refused client costs no body read and no routing.
     app.add_middleware(_BodyLimit, max_bytes=limits.MAX_REQUEST_BYTES, timeout=body_timeout)
@@ -72,21 +77,16 @@ def create_app(
         new_request_id=_request_id,
     )
 
-    store_bound = _StoreBound(limits.STORE_THREADS_PER_WORKER)
 
     @app.exception_handler(errors.Error)
     async def on_error(request: Request, exc: errors.Error) -> JSONResponse:
         rid = getattr(request.state, "request_id", "-")
-        log.info("request %s refused: %s [%s]", rid, exc.message, exc.reason)
-        return _error(exc, rid, status_for(exc))
+        return _refused(exc, rid)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # Where the request is wrong, never what it held: the input is not echoed back.
-        where = sorted({".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()[:8]})
-        message = "the request does not fit the API: " + ", ".join(where)[:400]
         rid = getattr(request.state, "request_id", "-")
-        return _error(errors.Error(message, reason="malformed-request"), rid, 422)
+        return _error(_malformed([e.get("loc", ()) for e in exc.errors()]), rid, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -126,9 +126,10 @@ def create_app(
     async def evidence(nonce: str = Query(pattern=r"^[0-9a-f]{64}$")) -> protocol.CasEvidence:
         return await run_in_threadpool(cas.evidence, nonce)
 
+    # The two routes every starting workload calls are served by ``_AgentRoutes`` before
+    # FastAPI's router; these declarations document them (OpenAPI) and are not reached.
     @app.post("/v1/nonces", response_model=protocol.NonceResponse)
     async def nonce() -> Response:
-        # Stateless (an HMAC over an expiry and random bytes): no store, no thread.
         return _json(cas.new_nonce(clock()))
 
     @app.post("/v1/sessions", response_model=protocol.SessionAccepted, status_code=201)
@@ -168,7 +169,7 @@ def create_app(
         return await run_in_threadpool(cas.public_secret, session, secret, clock())
 
     @app.post("/v1/activate", response_model=protocol.ActivationResponse)
-    async def activate(body: protocol.ActivationRequest) -> Response:
+    async def activate(body: protocol.ActivationRequest) -> Response:  # see _AgentRoutes
         return _json(await store_bound(cas.activate, body, clock()))
 
     @app.post("/v1/volumes/tag", response_model=protocol.VolumeTagAccepted)
@@ -177,6 +178,19 @@ def create_app(
         return await run_in_threadpool(cas.report_volume_tag, body)
 
     return app
+
+
+def _malformed(locations: Sequence[Sequence[object]]) -> errors.Error:
+    """A 422's error: where the request is wrong, never what it held (no input echoed)."""
+    where = sorted({".".join(str(p) for p in loc) for loc in locations[:8]})
+    return errors.Error(
+        "the request does not fit the API: " + ", ".join(where)[:400], reason="malformed-request"
+    )
+
+
+def _refused(exc: errors.Error, rid: str) -> JSONResponse:
+    log.info("request %s refused: %s [%s]", rid, exc.message, exc.reason)
+    return _error(exc, rid, status_for(exc))
 
 
 def _json(model: protocol.Wire) -> Response:
@@ -318,3 +332,95 @@ class _StoreBound:
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.threads)
         return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._limiter)
+
+
+class _AgentRoutes:
+    """ASGI middleware: ``POST /v1/nonces`` and ``POST /v1/activate``, before FastAPI's router.
+
+    These two routes are what every starting workload calls, hundreds at once after a node
+    failure or a rollout, and FastAPI's routing, dependency solving and response handling cost
+    more CPU than the nonce itself and a fifth of an activation's. Here they are served with
+    the same model, the same validation, the same error table and the same response bytes; the
+    request id, body bound and rate limit around them are the same middleware as for every
+    route. FastAPI still declares both routes, for the OpenAPI document (``create_app``), and
+    serves every other method and path.
+    """
+
+    def __init__(
+        self,
+        app: ratelimit.ASGIApp,
+        *,
+        cas: Cas,
+        clock: Clock,
+        store_bound: _StoreBound,
+    ) -> None:
+        self.app = app
+        self.cas = cas
+        self.clock = clock
+        self.store_bound = store_bound
+
+    async def __call__(
+        self, scope: ratelimit.Scope, receive: ratelimit.Receive, send: ratelimit.Send
+    ) -> None:
+        route = None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = {"/v1/nonces": self._nonce, "/v1/activate": self._activate}.get(scope["path"])
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        rid = scope.get("state", {}).get("request_id", "-")
+        response: Response
+        try:
+            body = await route(scope, receive)
+        except _Unprocessable as exc:
+            response = _error(exc.error, rid, 422)
+        except errors.Error as exc:
+            response = _refused(exc, rid)
+        else:
+            response = Response(content=body, media_type="application/json")
+        await response(scope, receive, send)
+
+    async def _nonce(self, _scope: ratelimit.Scope, _receive: ratelimit.Receive) -> bytes:
+        # Stateless (an HMAC over an expiry and random bytes): no store, no thread.
+        return self.cas.new_nonce(self.clock()).model_dump_json().encode()
+
+    async def _activate(self, scope: ratelimit.Scope, receive: ratelimit.Receive) -> bytes:
+        body = await _read_body(receive)
+        if not _is_json(scope):  # as FastAPI: a body model wants a JSON content type
+            raise _Unprocessable(_malformed([("body",)]))
+        try:
+            req = protocol.ActivationRequest.model_validate_json(body)
+        except pydantic.ValidationError as exc:
+            raise _Unprocessable(_malformed([("body", *e["loc"]) for e in exc.errors()])) from None
+        response = await self.store_bound(self.cas.activate, req, self.clock())
+        return response.model_dump_json().encode()
+
+
+class _Unprocessable(Exception):
+    """The request does not fit the API's shape: 422, as FastAPI's own validation answers."""
+
+    def __init__(self, error: errors.Error) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+async def _read_body(receive: ratelimit.Receive) -> bytes:
+    """The whole body (``_BodyLimit`` outside has bounded and timed it already)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise errors.Error("the client went away", reason="malformed-request")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _is_json(scope: ratelimit.Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            kind: bytes = value.split(b";", 1)[0].strip().lower()
+            return kind == b"application/json" or (
+                kind.startswith(b"application/") and kind.endswith(b"+json")
+            )
+    return False
