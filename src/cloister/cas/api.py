@@ -77,7 +77,6 @@ def create_app(
         new_request_id=_request_id,
     )
 
-
     @app.exception_handler(errors.Error)
     async def on_error(request: Request, exc: errors.Error) -> JSONResponse:
         rid = getattr(request.state, "request_id", "-")

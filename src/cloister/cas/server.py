@@ -112,6 +112,9 @@ def tls_context(identity: Identity) -> ssl.SSLContext:
     """TLS 1.3 only, with the CAS's identity key. The key touches only a memory-backed file."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    # No session tickets: an agent is a new process that never resumes, and making two
+    # tickets per connection costs the CAS and every client CPU for nothing.
+    ctx.num_tickets = 0
     # mkdtemp makes a private 0700 directory; /dev/shm keeps the key off the disk.
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
     with tempfile.TemporaryDirectory(dir=shm) as tmp:
