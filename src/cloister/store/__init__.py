@@ -44,7 +44,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from cloister._files import write_private
 from cloister.errors import BackendUnavailable, ConflictError, NotFound, RollbackError
-from cloister.store import _audit, _chain
+from cloister.store import _audit, _chain, _lean
 from cloister.store._chain import ChainKeys, ChainState, Entry, Head, HeadFile, tampered
 from cloister.store._chain import derive as derive_key
 from cloister.store._schema import (
@@ -136,7 +136,7 @@ def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
 
 def _sqlite_begin(conn: Connection) -> None:
     write = conn.get_execution_options().get("cloister_write", False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+    _lean.run(conn, "BEGIN IMMEDIATE" if write else "BEGIN")
 
 
 def _engine(url: str) -> Engine:
@@ -199,7 +199,12 @@ class _Put:
     table: str
     key: str
     digest: bytes
-    statements: tuple[sa.Executable | tuple[sa.Executable, Mapping[str, Any]], ...]
+    statements: tuple[
+        sa.Executable
+        | tuple[sa.Executable, Mapping[str, Any]]
+        | tuple[_lean.Statement, Mapping[str, Any]],
+        ...,
+    ]
 
 
 class _WriterQueue:
@@ -300,6 +305,30 @@ def _claim_statement(dialect: Any) -> sa.Executable:
 _CLAIM = {"sqlite": _claim_statement(sqlite), "postgresql": _claim_statement(postgresql)}
 
 
+class _Hot:
+    """The statements every activation runs, compiled for one engine (see ``_lean``)."""
+
+    def __init__(self, engine: Engine) -> None:
+        dialect = engine.dialect
+        self.follow_chain = _lean.Statement.compile(_FOLLOW_CHAIN, dialect)
+        self.newest_session = _lean.Statement.compile(_NEWEST_SESSION, dialect)
+        self.insert_changes = _lean.Statement.compile(_INSERT_CHANGES, dialect)
+        self.insert_audit = _lean.Statement.compile(_INSERT_AUDIT, dialect)
+        self.claim = _lean.Statement.compile(_CLAIM[dialect.name], dialect)
+
+
+@dataclass(frozen=True)
+class _SessionRow:
+    """A ``sessions`` row as ``_NEWEST_SESSION`` returns it (its columns, in order)."""
+
+    name: str
+    version: int
+    hash: str
+    creator: str
+    created_at: float
+    document: bytes
+
+
 def _session_key(name: str, version: int) -> str:
     return json.dumps([name, version], ensure_ascii=True)
 
@@ -353,6 +382,7 @@ class Store:
         self._next_purge = 0.0  # when to forget expired used nonces next (store time)
         self._pg = engine.dialect.name == "postgresql"
         self._writers = _WriterQueue.for_database(engine)
+        self._hot = _Hot(engine)
         self.failure: str | None = None
         # Called with (operation, seconds) after every database transaction (metrics).
         self.observe: Callable[[str, float], None] | None = None
@@ -517,7 +547,8 @@ class Store:
         """Follow the chain forward within ``c``'s snapshot; return the snapshot's head seq."""
         with self._lock:
             known_seq, known_hash = self._state.head_seq, self._state.head_hash
-        rows = [self._entry(r) for r in c.execute(_FOLLOW_CHAIN, {"from_seq": max(known_seq, 1)})]
+        found = _lean.rows(c, self._hot.follow_chain, {"from_seq": max(known_seq, 1)})
+        rows = [Entry(*r) for r in found]
         if known_seq > 0:
             if not rows or rows[0].seq != known_seq or rows[0].hash != known_hash:
                 raise tampered(
@@ -598,8 +629,9 @@ class Store:
                             entries.append(e)
                             prev = e.hash
                         try:
-                            c.execute(
-                                _INSERT_CHANGES,
+                            _lean.run_many(
+                                c,
+                                self._hot.insert_changes,
                                 [
                                     {
                                         "seq": e.seq,
@@ -617,10 +649,12 @@ class Store:
                             raise _ChainMoved from None
                         for p in batch:
                             for stmt in p.statements:
-                                if isinstance(stmt, tuple):
-                                    c.execute(*stmt)
-                                else:
+                                if not isinstance(stmt, tuple):
                                     c.execute(stmt)
+                                elif isinstance(stmt[0], _lean.Statement):
+                                    _lean.run_many(c, stmt[0], [stmt[1]])
+                                else:
+                                    c.execute(stmt[0], stmt[1])
                 except _ChainMoved:
                     continue
                 with self._lock:
@@ -717,7 +751,8 @@ class Store:
 
     def current_session(self, name: str) -> SessionRecord | None:
         def read(c: Connection, snap: int) -> SessionRecord | None:
-            row = c.execute(_NEWEST_SESSION, {"name": name}).first()
+            found = _lean.rows(c, self._hot.newest_session, {"name": name})
+            row = _SessionRow(*found[0]) if found else None
             with self._lock:
                 newest = self._state.versions.get(name)
             if newest is not None and newest[0] > snap:
@@ -914,7 +949,7 @@ class Store:
             payload = json.dumps({"body": body, "sig": p.record.signature.hex()}).encode()
             sealed = self._keys.seal(payload, f"audit/{aseq}".encode())
             key = f"{aseq}/{h.hex()}"
-            row = (_INSERT_AUDIT, {"seq": aseq, "hash": h.hex(), "body": sealed})
+            row = (self._hot.insert_audit, {"seq": aseq, "hash": h.hex(), "body": sealed})
             out.append(_Put("audit", key, _chain.row_digest("audit", key, [sealed]), (row,)))
             ahash = h
         return out
@@ -1037,9 +1072,8 @@ class Store:
     # --- nonces (not chained: see the module docstring) --------------------------------------
 
     def _claim(self, c: Connection, nonce: str, expires_at: float) -> bool:
-        stmt = _CLAIM["postgresql" if self._pg else "sqlite"]
         # A row comes back only if this insert added it (rowcount is not portable here).
-        return c.execute(stmt, {"nonce": nonce, "expires_at": expires_at}).first() is not None
+        return bool(_lean.rows(c, self._hot.claim, {"nonce": nonce, "expires_at": expires_at}))
 
     def claim_nonce(self, nonce: str, expires_at: float) -> bool:
         """Record ``nonce`` as used until ``expires_at``; ``False`` if it was used before.
