@@ -55,8 +55,10 @@ def create_app(
     clock: Clock = _utcnow,
     rate_limits: ratelimit.RateLimits | None = None,
     body_timeout: float = limits.HTTP_BODY_TIMEOUT_SECONDS,
-) -> FastAPI:
-    """The API over ``cas``. Rate limits default to ``limits``; pass ``Rate(0, 1)`` to lift one."""
+) -> ratelimit.ASGIApp:
+    """The API over ``cas``: FastAPI's routes inside the CAS's own ASGI middleware (rate limit,
+    body bound, request id, the agent's routes). Rate limits default to ``limits``; pass
+    ``Rate(0, 1)`` to lift one."""
     app = FastAPI(
         title="Cloister CAS",
         version=__version__,
@@ -64,17 +66,6 @@ def create_app(
         responses=_ERROR_RESPONSES,
     )
     store_bound = _StoreBound(limits.STORE_THREADS_PER_WORKER)
-    # Innermost of ours, so that the request id, body bound and rate limit apply to it, and
-    # outside FastAPI's router: see ``_AgentRoutes``.
-    app.add_middleware(_AgentRoutes, cas=cas, clock=clock, store_bound=store_bound)
-    app.add_middleware(_RequestId)
-    # Added last, so outermost: a refused client costs no body read and no routing.
-    app.add_middleware(_BodyLimit, max_bytes=limits.MAX_REQUEST_BYTES, timeout=body_timeout)
-    app.add_middleware(
-        ratelimit.RateLimitMiddleware,
-        rates=rate_limits or ratelimit.RateLimits(),
-        new_request_id=_request_id,
-    )
 
     @app.exception_handler(errors.Error)
     async def on_error(request: Request, exc: errors.Error) -> JSONResponse:
@@ -175,7 +166,16 @@ def create_app(
         """A workload reports a volume's new root tag, signed with its activation's key."""
         return await run_in_threadpool(cas.report_volume_tag, body)
 
-    return app
+    # Around FastAPI, outermost first: a refused client costs no body read and no routing;
+    # every request gets an id; the agent's two routes never enter FastAPI (``_AgentRoutes``).
+    agent_routes = _AgentRoutes(app, cas=cas, clock=clock, store_bound=store_bound)
+    return ratelimit.RateLimitMiddleware(
+        _BodyLimit(
+            _RequestId(agent_routes), max_bytes=limits.MAX_REQUEST_BYTES, timeout=body_timeout
+        ),
+        rates=rate_limits or ratelimit.RateLimits(),
+        new_request_id=_request_id,
+    )
 
 
 def _malformed(locations: Sequence[Sequence[object]]) -> errors.Error:
@@ -343,8 +343,9 @@ class _AgentRoutes:
     more CPU than the nonce itself and a tenth of an activation's. Here they are served with
     the same model, the same validation, the same error table and the same response bytes; the
     request id, body bound and rate limit around them are the same middleware as for every
-    route. FastAPI still declares both routes, for the OpenAPI document (``create_app``), and
-    serves every other method and path.
+    route, and all of it sits outside FastAPI's own middleware stack. FastAPI still declares
+    both routes, for the OpenAPI document (``create_app``), and serves every other method and
+    path.
     """
 
     def __init__(
