@@ -16,6 +16,7 @@ both, so that workloads activated before and after the update keep trusting each
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import secrets as _random
@@ -91,6 +92,10 @@ class SecretValue:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> SecretValue:
+        return _decoded(raw)
+
+    @classmethod
+    def _decode(cls, raw: bytes) -> SecretValue:
         d = json.loads(raw)
         unb64 = base64.b64decode
         return cls(
@@ -108,7 +113,7 @@ class SecretValue:
     def certificate(self) -> x509.Certificate:
         if self.cert is None:
             raise ValueError(f"a {self.kind} secret has no certificate")
-        return x509.load_der_x509_certificate(self.cert)
+        return _certificate(self.cert)
 
     def has_private_key(self) -> bool:
         return bool(self.key if self.kind in ("x509", "x509-ca") else self.data)
@@ -117,12 +122,7 @@ class SecretValue:
         raw = self.key if self.kind in ("x509", "x509-ca") else self.data
         if not raw:
             raise ValueError(f"this {self.kind} secret holds no private key")
-        key = serialization.load_der_private_key(raw, password=None)
-        if not isinstance(
-            key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-        ):
-            raise ValueError("unsupported private key type")
-        return key
+        return _private_key(raw)
 
     def expires(self) -> datetime | None:
         return self.certificate().not_valid_after_utc if self.cert else None
@@ -139,6 +139,34 @@ class SecretValue:
         if self.kind in ("x509", "x509-ca"):
             return replace(self, key=None)
         return self
+
+
+# Every activation reads the same few stored values (a CA and its key, generated secrets) and
+# would parse them again each time. The parsed forms are immutable (a frozen SecretValue, a
+# certificate, a key object that is safe to share between threads) and depend on the bytes
+# alone, so they are kept by those bytes: the same bytes always give the same value, and a
+# renewed or rotated value is new bytes. Bounded; what they hold is already in this process.
+_PARSED_VALUES = 256
+
+
+@functools.lru_cache(maxsize=_PARSED_VALUES)
+def _decoded(raw: bytes) -> SecretValue:
+    return SecretValue._decode(raw)
+
+
+@functools.lru_cache(maxsize=_PARSED_VALUES)
+def _certificate(der: bytes) -> x509.Certificate:
+    return x509.load_der_x509_certificate(der)
+
+
+@functools.lru_cache(maxsize=_PARSED_VALUES)
+def _private_key(der: bytes) -> pki.CertificateKey:
+    key = serialization.load_der_private_key(der, password=None)
+    if not isinstance(
+        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        raise ValueError("unsupported private key type")
+    return key
 
 
 def spec_of(secret: Secret) -> str:
