@@ -48,28 +48,26 @@ def derive(store_key: bytes, purpose: bytes) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=b"cloister-store-v1", info=purpose).derive(store_key)
 
 
-def _frame(h: hashlib._Hash, part: bytes | str | int) -> None:
-    if isinstance(part, int):
-        part = str(part)
-    if isinstance(part, str):
-        part = part.encode()
-    h.update(len(part).to_bytes(4, "big"))
-    h.update(part)
+def _framed(label: bytes, parts: Iterable[bytes | str | int]) -> bytes:
+    """``label`` and each part as a 4-byte big-endian length and the part (ints as decimal
+    text, strings as UTF-8): one buffer, hashed at once."""
+    out = [label]
+    for part in parts:
+        if isinstance(part, int):
+            part = str(part)
+        if isinstance(part, str):
+            part = part.encode()
+        out += (len(part).to_bytes(4, "big"), part)
+    return b"".join(out)
 
 
 def row_digest(table: str, key: str, fields: Sequence[bytes | str | int]) -> bytes:
     """The digest of one row as stored (sealed values included), length-framed."""
-    h = hashlib.sha256(b"cloister-row-v1")
-    for part in (table, key, *fields):
-        _frame(h, part)
-    return h.digest()
+    return hashlib.sha256(_framed(b"cloister-row-v1", (table, key, *fields))).digest()
 
 
 def link(seq: int, prev: bytes, table: str, key: str, digest: bytes) -> bytes:
-    h = hashlib.sha256(b"cloister-chain-v1")
-    for part in (seq, prev, table, key, digest):
-        _frame(h, part)
-    return h.digest()
+    return hashlib.sha256(_framed(b"cloister-chain-v1", (seq, prev, table, key, digest))).digest()
 
 
 @dataclass(frozen=True)
