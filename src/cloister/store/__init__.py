@@ -1,7 +1,8 @@
 """Encrypted, rollback-evident, crash-safe state of the CAS: SQLite by default, PostgreSQL for HA.
 
 One ``Store`` over SQLAlchemy Core serves both backends with the same schema, created and
-migrated by the Alembic revisions in ``migrations/``. Every value is sealed
+migrated by the Alembic revisions in ``migrations/``; the few statements every activation runs
+are compiled by SQLAlchemy once and run on the driver's cursor (``_lean``). Every value is sealed
 (``_seal.Keyring``) with the row's identity as associated data; names and hashes stay in clear
 so that the database can index them. Writes are single transactions; SQLite runs in WAL mode
 with ``synchronous=FULL`` so an acknowledged write survives a crash.
