@@ -7,10 +7,10 @@ and opens its sealed bundle. The session gives the service generated secrets, a 
 from the session's CA for the agent's own key, and an injected file, so every activation issues
 a certificate, renders templates and seals a bundle.
 
-The CAS is ``cloister cas serve --simulation --workers W`` (rate limits lifted) in its own
-process tree. The agents run in separate client processes (threads inside each), so that the
-client's Python does not share a GIL with the CAS; on a 2-core machine they still share the
-cores, and the table says what the clients cost. They speak HTTP/1.1 over the pinned TLS
+The CAS is ``cloister cas serve --simulation --workers W --cpu-affinity`` (rate limits lifted)
+in its own process tree. The agents run in separate client processes (threads inside each), so
+that the client's Python does not share a GIL with the CAS; on a 2-core machine they still share
+the cores, and the table says what the clients cost. They speak HTTP/1.1 over the pinned TLS
 context, with requests written whole and responses parsed by ``httptools`` (a load generator
 should leave the cores to the server), and run the agent's own ``activation.prepare`` and
 ``Attempt.open``; ``--agent-client`` uses the agent's httpx client.
@@ -27,7 +27,8 @@ worker processes together), its peak resident memory (sum over worker processes)
 clients' CPU per activation.
 
 Usage: ``python benchmarks/activation.py [--agents 1,16,64,256] [--seconds 8] [--workers W]
-[--clients K] [--backends sqlite,postgres] [--rate 0,100] [--agent-client] [--profile DIR]``.
+[--clients K] [--backends sqlite,postgres] [--rate 0,100] [--agent-client] [--profile DIR]
+[--no-cpu-affinity]``. The CAS runs with ``--cpu-affinity`` unless told otherwise.
 ``--profile`` records the CAS with py-spy (when installed) at the largest N.
 """
 
@@ -194,7 +195,7 @@ class Cas:
         return total / 1024
 
 
-def start_cas(tmp: Path, workers: int, db: str | None) -> Cas:
+def start_cas(tmp: Path, workers: int, db: str | None, *, cpu_affinity: bool) -> Cas:
     port = free_port()
     home = tmp / "home"
     log = open(tmp / "cas.log", "ab")
@@ -203,6 +204,8 @@ def start_cas(tmp: Path, workers: int, db: str | None) -> Cas:
            "--workers", str(workers), "--activation-rate", "0", "--session-rate", "0"]  # fmt: skip
     if db:
         cmd += ["--db", db]
+    if cpu_affinity:
+        cmd += ["--cpu-affinity"]
     env = dict(os.environ, CLOISTER_HOME=str(home), CLOISTER_LOG_LEVEL="WARNING")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
     log.close()
@@ -481,10 +484,11 @@ def profile(cas: Cas, out: Path, seconds: float) -> subprocess.Popen[bytes] | No
     )  # fmt: skip
 
 
-def print_table(rows: list[Row], workers: int, clients: int) -> None:
+def print_table(rows: list[Row], workers: int, clients: int, *, pinned: bool) -> None:
     print()
-    print(f"CAS: {workers} worker process(es); agents in up to {clients} client processes; "
-          f"{os.cpu_count()} cores shared by both.")  # fmt: skip
+    placement = "each pinned to its own CPU" if pinned else "unpinned"
+    print(f"CAS: {workers} worker process(es), {placement}; agents in up to {clients} client "
+          f"processes; {os.cpu_count()} cores shared by both.")  # fmt: skip
     header = (
         "| backend | load | agents | activations/s | p50 ms | p95 ms | p99 ms | errors "
         "| CAS cores busy | CAS CPU ms/act | CAS peak RSS MB | client CPU ms/act |"
@@ -504,6 +508,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--clients", type=int, default=4, help="client processes at most")
+    parser.add_argument(
+        "--no-cpu-affinity",
+        action="store_true",
+        help="leave the CAS's workers unpinned (the default pins each to its own CPU)",
+    )
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument(
@@ -531,7 +540,7 @@ def main() -> None:
                         print("PostgreSQL is not installed: skipped", file=sys.stderr)
                         continue
                     db = stack.enter_context(postgres_cluster(tmp / "pg"))
-                cas = start_cas(tmp, args.workers, db)
+                cas = start_cas(tmp, args.workers, db, cpu_affinity=not args.no_cpu_affinity)
                 stack.callback(stop_cas, cas)
                 for load in loads:
                     for n in counts:
@@ -549,7 +558,7 @@ def main() -> None:
                         rows.append(row)
                         print(f"{backend} {row.load} N={n}: {row.rate:.0f}/s p99 {row.p99:.1f} "
                               f"ms errors {row.errors}", file=sys.stderr)  # fmt: skip
-    print_table(rows, args.workers, args.clients)
+    print_table(rows, args.workers, args.clients, pinned=not args.no_cpu_affinity)
     fingerprint = hashlib.sha256(repr(rows).encode()).hexdigest()[:8]
     print(f"\n(run {fingerprint}; python benchmarks/activation.py {' '.join(sys.argv[1:])})")
 
