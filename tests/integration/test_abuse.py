@@ -116,15 +116,6 @@ def test_a_nonce_is_single_use_over_https(unlimited: TunedCas, tmp_path: Path) -
         assert never_issued.value.reason == "nonce-invalid"
 
 
-@pytest.fixture
-def in_process(tmp_path: Path):  # type: ignore[no-untyped-def]
-    cas = server.build(server.Settings(data_dir=tmp_path / "cas", simulation=True))
-    try:
-        yield cas
-    finally:
-        cas.store.close()
-
-
 def test_a_nonce_expires(in_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     now = datetime.now(UTC)
     nonce = in_process.new_nonce(now).nonce

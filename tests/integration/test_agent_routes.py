@@ -5,28 +5,22 @@ with the request id, the error body and the error table of every other route."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import httpx
 import pytest
 from tests.integration.load.agents import activation_request
 
 from cloister import protocol
-from cloister.cas import api, ratelimit, server
+from cloister.cas import api, ratelimit
 from cloister.cas.service import Cas
 
 _UNLIMITED = ratelimit.RateLimits(activation=ratelimit.Rate(0, 1), session=ratelimit.Rate(0, 1))
 
 
 @pytest.fixture
-def cas(tmp_path: Path) -> Iterator[Cas]:
-    built = server.build(server.Settings(data_dir=tmp_path / "cas", simulation=True))
-    try:
-        yield built
-    finally:
-        built.store.close()
+def cas(in_process: Cas) -> Cas:
+    return in_process
 
 
 def _call(cas: Cas, method: str, path: str, **kwargs: object) -> httpx.Response:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,8 @@ from cloister.client import pinned_context
 
 
 @pytest.fixture
-def cas(tmp_path: Path) -> Iterator[Cas]:
-    built = server.build(server.Settings(data_dir=tmp_path / "cas", simulation=True))
-    try:
-        yield built
-    finally:
-        built.store.close()
+def cas(in_process: Cas) -> Cas:
+    return in_process
 
 
 def _handshake(
