@@ -472,10 +472,6 @@ class Store:
 
     # --- the chain ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _entry(row: Any) -> Entry:
-        return Entry(row.seq, row.prev, row.tbl, row.key, row.digest, row.hash, row.mac)
-
     def verify(self) -> Head:
         """Replay the whole chain, check every protected row and the signed head; keep it."""
         try:
@@ -490,7 +486,7 @@ class Store:
         signed = None if self._head_file is None else self._head_file.read(self._chain_keys)
         with self._tx("verify", write=False) as c:
             for row in c.execute(sa.select(changes_t).order_by(changes_t.c.seq)):
-                state.apply(self._entry(row), self._chain_keys)
+                state.apply(Entry(*row), self._chain_keys)
             seen: set[tuple[str, str]] = set()
             for table in PROTECTED:
                 for row in c.execute(sa.select(_TABLES[table])):
@@ -549,7 +545,7 @@ class Store:
         with self._lock:
             known_seq, known_hash = self._state.head_seq, self._state.head_hash
         found = _lean.rows(c, self._hot.follow_chain, {"from_seq": max(known_seq, 1)})
-        rows = [Entry(*r) for r in found]
+        rows = [Entry(*r) for r in found]  # the columns of ``changes``, in Entry's order
         if known_seq > 0:
             if not rows or rows[0].seq != known_seq or rows[0].hash != known_hash:
                 raise tampered(
